@@ -1,0 +1,41 @@
+//! CPU kernels, one file per family. Each file has `pub fn register(r: &mut Registry)`.
+
+use super::registry::Registry;
+
+pub mod cast;
+pub mod conv;
+pub mod elementwise;
+pub mod index;
+pub mod logic;
+pub mod matmul;
+pub mod misc;
+pub mod norm;
+pub mod pool;
+pub mod quant;
+pub mod reduce;
+pub mod resize;
+pub mod rnn;
+pub mod sequence;
+pub mod shape;
+pub mod softmax;
+pub mod unary;
+
+pub fn register_all(r: &mut Registry) {
+    cast::register(r);
+    conv::register(r);
+    elementwise::register(r);
+    index::register(r);
+    logic::register(r);
+    matmul::register(r);
+    misc::register(r);
+    norm::register(r);
+    pool::register(r);
+    quant::register(r);
+    reduce::register(r);
+    resize::register(r);
+    rnn::register(r);
+    sequence::register(r);
+    shape::register(r);
+    softmax::register(r);
+    unary::register(r);
+}

@@ -1,0 +1,86 @@
+//! The CPU backend: a prepared interpreter over the artifact's program, rayon for parallel loops.
+
+use std::sync::Arc;
+
+use kiln_runtime::{Artifact, Backend, Executable, Result, SessionState, Value};
+
+pub mod ctx;
+mod control_flow;
+mod interp;
+pub mod kernels;
+pub mod registry;
+pub mod util;
+
+pub use ctx::OpCtx;
+pub use interp::eval_step;
+pub use registry::{registry, Kernel, Registry};
+
+/// CPU execution with a dedicated rayon pool of `threads` threads (0 = one per core).
+pub struct CpuBackend {
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
+}
+
+impl CpuBackend {
+    pub fn new(threads: usize) -> Result<CpuBackend> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("kiln-cpu-{i}"))
+            .build()
+            .map_err(|e| kiln_runtime::Error::Other(format!("cannot start thread pool: {e}")))?;
+        let threads = pool.current_num_threads();
+        Ok(CpuBackend { pool: Arc::new(pool), threads })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new(0).expect("thread pool")
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn prepare(&self, artifact: Arc<Artifact>) -> Result<Arc<dyn Executable>> {
+        let program = interp::Prepared::new(artifact.program(), Some(&artifact))?;
+        Ok(Arc::new(CpuExecutable { artifact, program, pool: self.pool.clone() }))
+    }
+}
+
+struct CpuExecutable {
+    artifact: Arc<Artifact>,
+    program: interp::Prepared,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+#[derive(Default)]
+struct CpuState {
+    peak_bytes: usize,
+}
+
+impl Executable for CpuExecutable {
+    fn new_state(&self) -> SessionState {
+        Box::new(CpuState::default())
+    }
+
+    fn run(&self, state: &mut SessionState, inputs: Vec<Value>) -> Result<Vec<Value>> {
+        let state = state.downcast_mut::<CpuState>().expect("state made by this executable");
+        let mut stats = interp::Stats::default();
+        let out = self.pool.install(|| {
+            self.program.run(Some(&self.artifact), inputs, &[], &mut stats)
+        })?;
+        state.peak_bytes = stats.peak_bytes;
+        Ok(out)
+    }
+
+    fn peak_bytes(&self, state: &SessionState) -> usize {
+        state.downcast_ref::<CpuState>().map(|s| s.peak_bytes).unwrap_or(0)
+    }
+}
