@@ -1,1 +1,54 @@
-fn main(){}
+//! `kiln`: compile ONNX models to `.kiln` artifacts, run, inspect and benchmark them.
+//!
+//! Every failure prints one line `kiln: error: …` on stderr and exits non-zero (1 for a bad model,
+//! input or artifact; 2 for bad command-line usage).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd_bench;
+mod cmd_compile;
+mod cmd_inspect;
+mod cmd_run;
+mod fsutil;
+mod inputs;
+mod load;
+mod npy;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Compile ONNX models into self-contained .kiln artifacts and run them locally")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compile an ONNX model into a .kiln artifact.
+    Compile(cmd_compile::Args),
+    /// Run a model (.kiln, or .onnx compiled in memory) on .npy / .pb inputs.
+    Run(cmd_run::Args),
+    /// Show a model's inputs, outputs, ops, parameters and metadata.
+    Inspect(cmd_inspect::Args),
+    /// Measure load time, first-run time, steady-state latency and peak memory.
+    Bench(cmd_bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Compile(a) => cmd_compile::run(a),
+        Cmd::Run(a) => cmd_run::run(a),
+        Cmd::Inspect(a) => cmd_inspect::run(a),
+        Cmd::Bench(a) => cmd_bench::run(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = e.to_string().replace('\n', " ");
+            eprintln!("kiln: error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

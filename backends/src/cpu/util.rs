@@ -123,3 +123,112 @@ pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     }
     r
 }
+
+/// The float types kernels compute in: f64 for f64 tensors, f32 for f32/f16/bf16 tensors (half
+/// types are widened on the way in and narrowed on the way out; see `real_vec` / `real_tensor`).
+pub trait Real:
+    kiln_runtime::Elem
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+    + std::iter::Sum
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const INFINITY: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn from_usize(v: usize) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn abs(self) -> Self;
+    fn powf(self, e: Self) -> Self;
+    fn is_nan(self) -> bool;
+    /// Maximum that propagates NaN (like numpy's max).
+    fn max_nan(self, o: Self) -> Self {
+        if self.is_nan() || o > self {
+            if self.is_nan() { self } else { o }
+        } else {
+            self
+        }
+    }
+}
+
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const INFINITY: Self = <$t>::INFINITY;
+            fn from_f64(v: f64) -> Self { v as $t }
+            fn to_f64(self) -> f64 { self as f64 }
+            fn from_usize(v: usize) -> Self { v as $t }
+            fn exp(self) -> Self { <$t>::exp(self) }
+            fn ln(self) -> Self { <$t>::ln(self) }
+            fn sqrt(self) -> Self { <$t>::sqrt(self) }
+            fn abs(self) -> Self { <$t>::abs(self) }
+            fn powf(self, e: Self) -> Self { <$t>::powf(self, e) }
+            fn is_nan(self) -> bool { <$t>::is_nan(self) }
+        }
+    };
+}
+impl_real!(f32);
+impl_real!(f64);
+
+/// Bind `$R` to the compute type of a float dtype (f64 for f64, f32 for f32/f16/bf16).
+#[macro_export]
+macro_rules! with_real {
+    ($dtype:expr, $R:ident, $body:block) => {
+        match $dtype {
+            kiln_runtime::DType::F64 => { type $R = f64; $body }
+            kiln_runtime::DType::F32 | kiln_runtime::DType::F16 | kiln_runtime::DType::BF16 => {
+                type $R = f32;
+                $body
+            }
+            d => return Err(kiln_runtime::Error::DType(format!("unsupported dtype {d} (expected a float type)"))),
+        }
+    };
+}
+
+/// A float tensor's elements in compute type `R`: borrowed when the tensor already is `R`,
+/// widened from f16/bf16 (or converted between f32/f64) otherwise.
+pub fn real_vec<R: Real>(t: &kiln_runtime::Tensor) -> Result<std::borrow::Cow<'_, [R]>> {
+    use kiln_runtime::DType;
+    use std::borrow::Cow;
+    if t.dtype() == R::DTYPE {
+        return Ok(Cow::Borrowed(t.view::<R>()?));
+    }
+    let v: Vec<R> = match t.dtype() {
+        DType::F32 => t.view::<f32>()?.iter().map(|&x| R::from_f64(x as f64)).collect(),
+        DType::F64 => t.view::<f64>()?.iter().map(|&x| R::from_f64(x)).collect(),
+        DType::F16 => t.view::<half::f16>()?.iter().map(|x| R::from_f64(x.to_f64())).collect(),
+        DType::BF16 => t.view::<half::bf16>()?.iter().map(|x| R::from_f64(x.to_f64())).collect(),
+        d => return Err(Error::DType(format!("expected a float tensor, got {d}"))),
+    };
+    Ok(Cow::Owned(v))
+}
+
+/// A tensor of float `dtype` from compute-type values (narrowed to f16/bf16 if needed).
+pub fn real_tensor<R: Real>(
+    dtype: kiln_runtime::DType,
+    shape: &[usize],
+    v: Vec<R>,
+) -> Result<kiln_runtime::Tensor> {
+    use kiln_runtime::{DType, Tensor};
+    if dtype == R::DTYPE {
+        return Tensor::from_vec(shape, v);
+    }
+    match dtype {
+        DType::F32 => Tensor::from_vec(shape, v.iter().map(|x| x.to_f64() as f32).collect()),
+        DType::F64 => Tensor::from_vec(shape, v.iter().map(|x| x.to_f64()).collect()),
+        DType::F16 => Tensor::from_vec(shape, v.iter().map(|x| half::f16::from_f64(x.to_f64())).collect()),
+        DType::BF16 => Tensor::from_vec(shape, v.iter().map(|x| half::bf16::from_f64(x.to_f64())).collect()),
+        d => Err(Error::DType(format!("expected a float dtype, got {d}"))),
+    }
+}

@@ -1,1 +1,10 @@
-//! (to be written)
+//! The ONNX frontend: protobuf messages (`proto`), zero-copy file loading with confined external
+//! data (`load`), and TensorProto ⇄ runtime Tensor conversion for every dtype (`tensor`).
+//! `crate::import` translates a decoded model into the IR.
+
+pub mod load;
+pub mod proto;
+pub mod tensor;
+
+pub use load::{read_model, ExternalStore};
+pub use proto::*;

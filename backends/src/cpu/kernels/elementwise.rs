@@ -1,5 +1,580 @@
-//! (to be written)
+//! Binary and variadic elementwise ops with ONNX multidirectional broadcasting: Add, Sub, Mul, Div,
+//! Pow, Mod, PRelu, BitShift, Bitwise{And,Or,Xor}, Max, Min, Sum, Mean, Where.
+//!
+//! Also home of the broadcast iteration engine (`Plan`, `map2`, `map3`) that logic.rs reuses: the
+//! operands' broadcast strides are collapsed into as few dimensions as possible, so the innermost
+//! loop always walks each operand with stride 0 or 1 (same shape, scalar, trailing-vector cases
+//! become one tight loop), and large outputs are split across the rayon pool.
 
+use half::{bf16, f16};
+use kiln_runtime::{DType, Elem, Error, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::ctx::OpCtx;
 use crate::cpu::registry::Registry;
+use crate::cpu::util::{broadcast_shapes, broadcast_strides};
 
-pub fn register(_r: &mut Registry) {}
+/// Outputs with at least this many elements are split across threads, in chunks of this size.
+const PAR_CHUNK: usize = 1 << 15;
+
+/// A broadcast iteration over `N` operands, with dimensions collapsed where every operand is
+/// contiguous (or broadcast) across them.
+pub(crate) struct Plan<const N: usize> {
+    /// Collapsed output shape (never empty).
+    shape: Vec<usize>,
+    /// Collapsed strides of each operand, in elements.
+    strides: [Vec<usize>; N],
+}
+
+impl<const N: usize> Plan<N> {
+    /// The broadcast output shape of `shapes` and the plan to iterate it.
+    pub(crate) fn new(shapes: [&[usize]; N]) -> Result<(Vec<usize>, Plan<N>)> {
+        let out = broadcast_shapes(&shapes)?;
+        let full: [Vec<usize>; N] = std::array::from_fn(|k| broadcast_strides(shapes[k], &out));
+        let mut shape: Vec<usize> = Vec::with_capacity(out.len());
+        let mut strides: [Vec<usize>; N] = std::array::from_fn(|_| Vec::with_capacity(out.len()));
+        for (d, &n) in out.iter().enumerate() {
+            if n == 1 {
+                continue;
+            }
+            let mergeable = !shape.is_empty()
+                && (0..N).all(|k| *strides[k].last().unwrap() == full[k][d] * n);
+            if mergeable {
+                *shape.last_mut().unwrap() *= n;
+                for k in 0..N {
+                    *strides[k].last_mut().unwrap() = full[k][d];
+                }
+            } else {
+                shape.push(n);
+                for k in 0..N {
+                    strides[k].push(full[k][d]);
+                }
+            }
+        }
+        if shape.is_empty() {
+            shape.push(1);
+            for s in strides.iter_mut() {
+                s.push(0);
+            }
+        }
+        Ok((out, Plan { shape, strides }))
+    }
+
+    /// Stride (0 or 1) of each operand along the innermost collapsed dimension.
+    pub(crate) fn inner_strides(&self) -> [usize; N] {
+        std::array::from_fn(|k| *self.strides[k].last().unwrap())
+    }
+
+    /// Call `row(out_run, offsets)` for every run of consecutive outputs that lies within one
+    /// innermost row; `offsets[k]` is operand k's element offset for the run's first output.
+    pub(crate) fn run<O: Send>(&self, out: &mut [O], row: impl Fn(&mut [O], [usize; N]) + Sync) {
+        if out.len() >= 2 * PAR_CHUNK {
+            out.par_chunks_mut(PAR_CHUNK)
+                .enumerate()
+                .for_each(|(i, chunk)| self.run_range(chunk, i * PAR_CHUNK, &row));
+        } else if !out.is_empty() {
+            self.run_range(out, 0, &row);
+        }
+    }
+
+    /// Process outputs `[start, start + out.len())`.
+    fn run_range<O>(&self, out: &mut [O], start: usize, row: &impl Fn(&mut [O], [usize; N])) {
+        let rank = self.shape.len();
+        let inner = self.shape[rank - 1];
+        let mut idx = vec![0usize; rank];
+        let mut rem = start;
+        for d in (0..rank).rev() {
+            idx[d] = rem % self.shape[d];
+            rem /= self.shape[d];
+        }
+        let mut pos = 0;
+        while pos < out.len() {
+            let offs: [usize; N] = std::array::from_fn(|k| {
+                idx.iter().zip(&self.strides[k]).map(|(i, s)| i * s).sum()
+            });
+            let take = (inner - idx[rank - 1]).min(out.len() - pos);
+            row(&mut out[pos..pos + take], offs);
+            pos += take;
+            idx[rank - 1] = 0;
+            for d in (0..rank - 1).rev() {
+                idx[d] += 1;
+                if idx[d] < self.shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+    }
+}
+
+/// One run of a binary map; `sa`/`sb` are the operands' inner strides (0 or 1).
+#[inline(always)]
+fn row2<A, B, O>(o: &mut [O], a: &[A], sa: usize, b: &[B], sb: usize, f: &impl Fn(&A, &B) -> O) {
+    let n = o.len();
+    match (sa, sb) {
+        (1, 1) => {
+            for ((o, x), y) in o.iter_mut().zip(&a[..n]).zip(&b[..n]) {
+                *o = f(x, y);
+            }
+        }
+        (1, 0) => {
+            let y = &b[0];
+            for (o, x) in o.iter_mut().zip(&a[..n]) {
+                *o = f(x, y);
+            }
+        }
+        (0, 1) => {
+            let x = &a[0];
+            for (o, y) in o.iter_mut().zip(&b[..n]) {
+                *o = f(x, y);
+            }
+        }
+        _ => {
+            for o in o.iter_mut() {
+                *o = f(&a[0], &b[0]);
+            }
+        }
+    }
+}
+
+/// Broadcast `f` over two element slices of the given shapes into `out` (already sized to the
+/// broadcast shape, as returned by `Plan::new`).
+pub(crate) fn map2_into<A: Sync, B: Sync, O: Send>(
+    plan: &Plan<2>,
+    a: &[A],
+    b: &[B],
+    out: &mut [O],
+    f: impl Fn(&A, &B) -> O + Sync,
+) {
+    let [sa, sb] = plan.inner_strides();
+    plan.run(out, |o, [ia, ib]| row2(o, &a[ia..], sa, &b[ib..], sb, &f));
+}
+
+/// Broadcast `f(a, b)` over two numeric/bool tensors into a new tensor of dtype `dt` (elements `O`).
+pub(crate) fn map2<A: Elem, B: Elem, O: Elem>(
+    a: &Tensor,
+    b: &Tensor,
+    dt: DType,
+    f: impl Fn(A, B) -> O + Sync,
+) -> Result<Tensor> {
+    let (shape, plan) = Plan::new([a.shape(), b.shape()])?;
+    let (av, bv) = (a.view::<A>()?, b.view::<B>()?);
+    let mut out = Tensor::zeros(dt, &shape);
+    map2_into(&plan, av, bv, out.view_mut::<O>()?, |x, y| f(*x, *y));
+    Ok(out)
+}
+
+/// Broadcast `f` over three element slices into `out` (sized to the broadcast shape).
+pub(crate) fn map3_into<A: Sync, B: Sync, C: Sync, O: Send>(
+    plan: &Plan<3>,
+    a: &[A],
+    b: &[B],
+    c: &[C],
+    out: &mut [O],
+    f: impl Fn(&A, &B, &C) -> O + Sync,
+) {
+    let [sa, sb, sc] = plan.inner_strides();
+    plan.run(out, |o, [ia, ib, ic]| {
+        let (a, b, c) = (&a[ia..], &b[ib..], &c[ic..]);
+        if (sa, sb, sc) == (1, 1, 1) {
+            let n = o.len();
+            for (((o, x), y), z) in o.iter_mut().zip(&a[..n]).zip(&b[..n]).zip(&c[..n]) {
+                *o = f(x, y, z);
+            }
+        } else {
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = f(&a[i * sa], &b[i * sb], &c[i * sc]);
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-type arithmetic.
+
+/// Arithmetic with ONNX semantics for one element type: integers wrap and never trap (division
+/// or remainder by zero gives 0), f16/bf16 compute in f32, Max/Min propagate NaN like numpy.
+pub(crate) trait Arith: Elem {
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+    /// Remainder with the sign of the dividend (C fmod / truncated).
+    fn fmod(self, o: Self) -> Self;
+    /// Remainder with the sign of the divisor (Python / floored); floats behave like `fmod`
+    /// with NaN turned into 0, as the ONNX reference does.
+    fn pymod(self, o: Self) -> Self;
+    fn max(self, o: Self) -> Self;
+    fn min(self, o: Self) -> Self;
+    fn is_pos(self) -> bool;
+    fn to_f64(self) -> f64;
+    /// From f64: floats round, integers truncate toward zero and saturate.
+    fn from_f64(v: f64) -> Self;
+}
+
+macro_rules! arith_int {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            #[inline(always)] fn add(self, o: Self) -> Self { self.wrapping_add(o) }
+            #[inline(always)] fn sub(self, o: Self) -> Self { self.wrapping_sub(o) }
+            #[inline(always)] fn mul(self, o: Self) -> Self { self.wrapping_mul(o) }
+            #[inline(always)] fn div(self, o: Self) -> Self {
+                if o == 0 { 0 } else { self.wrapping_div(o) }
+            }
+            #[inline(always)] fn fmod(self, o: Self) -> Self {
+                if o == 0 { 0 } else { self.wrapping_rem(o) }
+            }
+            #[inline(always)] fn pymod(self, o: Self) -> Self {
+                if o == 0 { return 0; }
+                let r = self.wrapping_rem(o);
+                #[allow(unused_comparisons)]
+                if r != 0 && ((r < 0) != (o < 0)) { r.wrapping_add(o) } else { r }
+            }
+            #[inline(always)] fn max(self, o: Self) -> Self { Ord::max(self, o) }
+            #[inline(always)] fn min(self, o: Self) -> Self { Ord::min(self, o) }
+            #[inline(always)] fn is_pos(self) -> bool { self > 0 }
+            #[inline(always)] fn to_f64(self) -> f64 { self as f64 }
+            #[inline(always)] fn from_f64(v: f64) -> Self { v as $t }
+        }
+    )*};
+}
+arith_int!(i8, i16, i32, i64, u8, u16, u32, u64);
+
+macro_rules! arith_float {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            #[inline(always)] fn add(self, o: Self) -> Self { self + o }
+            #[inline(always)] fn sub(self, o: Self) -> Self { self - o }
+            #[inline(always)] fn mul(self, o: Self) -> Self { self * o }
+            #[inline(always)] fn div(self, o: Self) -> Self { self / o }
+            #[inline(always)] fn fmod(self, o: Self) -> Self { self % o }
+            #[inline(always)] fn pymod(self, o: Self) -> Self {
+                let r = self % o;
+                if r.is_nan() { 0.0 } else { r }
+            }
+            #[inline(always)] fn max(self, o: Self) -> Self {
+                if self.is_nan() || o.is_nan() { <$t>::NAN } else { self.max(o) }
+            }
+            #[inline(always)] fn min(self, o: Self) -> Self {
+                if self.is_nan() || o.is_nan() { <$t>::NAN } else { self.min(o) }
+            }
+            #[inline(always)] fn is_pos(self) -> bool { self > 0.0 }
+            #[inline(always)] fn to_f64(self) -> f64 { self as f64 }
+            #[inline(always)] fn from_f64(v: f64) -> Self { v as $t }
+        }
+    )*};
+}
+arith_float!(f32, f64);
+
+macro_rules! arith_half {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            #[inline(always)] fn add(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() + o.to_f32()) }
+            #[inline(always)] fn sub(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() - o.to_f32()) }
+            #[inline(always)] fn mul(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() * o.to_f32()) }
+            #[inline(always)] fn div(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() / o.to_f32()) }
+            #[inline(always)] fn fmod(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() % o.to_f32()) }
+            #[inline(always)] fn pymod(self, o: Self) -> Self {
+                <$t>::from_f32(Arith::pymod(self.to_f32(), o.to_f32()))
+            }
+            #[inline(always)] fn max(self, o: Self) -> Self {
+                <$t>::from_f32(Arith::max(self.to_f32(), o.to_f32()))
+            }
+            #[inline(always)] fn min(self, o: Self) -> Self {
+                <$t>::from_f32(Arith::min(self.to_f32(), o.to_f32()))
+            }
+            #[inline(always)] fn is_pos(self) -> bool { self.to_f32() > 0.0 }
+            #[inline(always)] fn to_f64(self) -> f64 { self.to_f64() }
+            #[inline(always)] fn from_f64(v: f64) -> Self { <$t>::from_f64(v) }
+        }
+    )*};
+}
+arith_half!(f16, bf16);
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.
+
+fn two<'t>(ctx: &OpCtx, inputs: &'t [Option<Tensor>]) -> Result<(&'t Tensor, &'t Tensor)> {
+    let (a, b) = (ctx.input(inputs, 0)?, ctx.input(inputs, 1)?);
+    if a.dtype() != b.dtype() {
+        return Err(Error::DType(format!(
+            "operands have different dtypes {} and {}",
+            a.dtype(),
+            b.dtype()
+        )));
+    }
+    Ok((a, b))
+}
+
+/// A same-dtype numeric binary kernel from an `Arith` method.
+macro_rules! arith_kernel {
+    ($name:ident, $method:ident) => {
+        fn $name(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+            let (a, b) = two(ctx, inputs)?;
+            let dt = a.dtype();
+            let out = crate::with_numeric!(dt, T, { map2::<T, T, T>(a, b, dt, |x, y| x.$method(y))? });
+            Ok(vec![out])
+        }
+    };
+}
+arith_kernel!(add, add);
+arith_kernel!(sub, sub);
+arith_kernel!(mul, mul);
+arith_kernel!(div, div);
+
+fn modulo(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let (a, b) = two(ctx, inputs)?;
+    let dt = a.dtype();
+    let out = if ctx.attr_i("fmod", 0) != 0 {
+        crate::with_numeric!(dt, T, { map2::<T, T, T>(a, b, dt, |x, y| x.fmod(y))? })
+    } else {
+        crate::with_numeric!(dt, T, { map2::<T, T, T>(a, b, dt, |x, y| x.pymod(y))? })
+    };
+    Ok(vec![out])
+}
+
+/// Integer power by squaring, wrapping on overflow; negative exponents truncate toward zero.
+fn ipow(base: i64, exp: i64) -> i64 {
+    if exp < 0 {
+        return match base {
+            1 => 1,
+            -1 => if exp % 2 == 0 { 1 } else { -1 },
+            _ => 0,
+        };
+    }
+    let (mut acc, mut b, mut e) = (1i64, base, exp as u64);
+    while e > 0 {
+        if e & 1 == 1 {
+            acc = acc.wrapping_mul(b);
+        }
+        b = b.wrapping_mul(b);
+        e >>= 1;
+    }
+    acc
+}
+
+fn pow(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let (a, b) = (ctx.input(inputs, 0)?, ctx.input(inputs, 1)?);
+    let dt = a.dtype();
+    let out = if dt.is_float() {
+        // The exponent is brought to the base's type (usually a tiny tensor, often a scalar).
+        let e = if b.dtype() == dt {
+            b.clone()
+        } else {
+            let v = b.to_f64_vec()?;
+            crate::with_float!(dt, T, {
+                Tensor::from_vec(b.shape(), v.into_iter().map(T::from_f64).collect::<Vec<T>>())?
+            })
+        };
+        crate::with_float!(dt, T, { float_pow::<T>(a, &e)? })
+    } else if b.dtype().is_float() {
+        let e = Tensor::from_vec(b.shape(), b.to_f64_vec()?)?;
+        crate::with_int!(dt, T, {
+            map2::<T, f64, T>(a, &e, dt, |x, y| T::from_f64(x.to_f64().powf(y)))?
+        })
+    } else {
+        let e = Tensor::from_vec(b.shape(), b.to_i64_vec()?)?;
+        crate::with_int!(dt, T, { map2::<T, i64, T>(a, &e, dt, |x, y| ipow(x as i64, y) as T)? })
+    };
+    Ok(vec![out])
+}
+
+/// Float power (exponent already of the base's type), with the common scalar exponents of
+/// decomposed normalisations special-cased.
+fn float_pow<T: Arith>(a: &Tensor, e: &Tensor) -> Result<Tensor> {
+    let dt = a.dtype();
+    if e.len() == 1 && e.rank() <= a.rank() {
+        let shape = broadcast_shapes(&[a.shape(), e.shape()])?;
+        let k = e.view::<T>()?[0].to_f64();
+        let special: Option<fn(f64) -> f64> = if k == 2.0 {
+            Some(|x| x * x)
+        } else if k == 1.0 {
+            Some(|x| x)
+        } else if k == 0.5 {
+            Some(f64::sqrt)
+        } else {
+            None
+        };
+        if let Some(g) = special {
+            // Squares and square roots of f32/f16 values are exactly rounded through f64.
+            let mut out = Tensor::zeros(dt, &shape);
+            par_map(a.view::<T>()?, out.view_mut::<T>()?, |x| T::from_f64(g(x.to_f64())));
+            return Ok(out);
+        }
+    }
+    if dt == DType::F32 {
+        return map2::<f32, f32, f32>(a, e, dt, f32::powf);
+    }
+    map2::<T, T, T>(a, e, dt, |x, y| T::from_f64(x.to_f64().powf(y.to_f64())))
+}
+
+/// `out[i] = f(inp[i])`, split across threads when large.
+pub(crate) fn par_map<A: Copy + Sync, O: Send>(inp: &[A], out: &mut [O], f: impl Fn(A) -> O + Sync) {
+    if out.len() >= 2 * PAR_CHUNK {
+        out.par_chunks_mut(PAR_CHUNK).zip(inp.par_chunks(PAR_CHUNK)).for_each(|(o, i)| {
+            for (o, &x) in o.iter_mut().zip(i) {
+                *o = f(x);
+            }
+        });
+    } else {
+        for (o, &x) in out.iter_mut().zip(inp) {
+            *o = f(x);
+        }
+    }
+}
+
+fn prelu(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let (x, slope) = two(ctx, inputs)?;
+    let dt = x.dtype();
+    let out = crate::with_numeric!(dt, T, {
+        map2::<T, T, T>(x, slope, dt, |x, s| if x.is_pos() { x } else { x.mul(s) })?
+    });
+    if out.shape() != x.shape() {
+        return Err(Error::Shape(format!(
+            "PRelu slope of shape {:?} does not broadcast to X of shape {:?}",
+            slope.shape(),
+            x.shape()
+        )));
+    }
+    Ok(vec![out])
+}
+
+fn bitshift(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let (a, b) = two(ctx, inputs)?;
+    let dt = a.dtype();
+    let left = match ctx.attr_s("direction", "").as_str() {
+        "LEFT" => true,
+        "RIGHT" => false,
+        d => return Err(ctx.unsupported(format!("direction '{d}'"))),
+    };
+    // Shifting by the bit width or more gives 0 (numpy), never a panic.
+    let out = crate::with_int!(dt, T, {
+        if left {
+            map2::<T, T, T>(a, b, dt, |x, s| {
+                u32::try_from(s).ok().and_then(|s| x.checked_shl(s)).unwrap_or(0)
+            })?
+        } else {
+            map2::<T, T, T>(a, b, dt, |x, s| {
+                u32::try_from(s).ok().and_then(|s| x.checked_shr(s)).unwrap_or(0)
+            })?
+        }
+    });
+    Ok(vec![out])
+}
+
+macro_rules! bitwise_kernel {
+    ($name:ident, $op:tt) => {
+        fn $name(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+            let (a, b) = two(ctx, inputs)?;
+            let dt = a.dtype();
+            let out = if dt == DType::Bool {
+                map2::<bool, bool, bool>(a, b, dt, |x, y| x $op y)?
+            } else {
+                crate::with_int!(dt, T, { map2::<T, T, T>(a, b, dt, |x, y| x $op y)? })
+            };
+            Ok(vec![out])
+        }
+    };
+}
+bitwise_kernel!(bitwise_and, &);
+bitwise_kernel!(bitwise_or, |);
+bitwise_kernel!(bitwise_xor, ^);
+
+/// Fold a variadic op pairwise over its (broadcast) inputs.
+fn variadic(
+    ctx: &OpCtx,
+    inputs: &[Option<Tensor>],
+    step: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut it = inputs.iter().flatten();
+    let mut acc = it.next().ok_or_else(|| ctx.unsupported("no inputs"))?.clone();
+    for t in it {
+        if t.dtype() != acc.dtype() {
+            return Err(Error::DType(format!(
+                "inputs have different dtypes {} and {}",
+                acc.dtype(),
+                t.dtype()
+            )));
+        }
+        acc = step(&acc, t)?;
+    }
+    Ok(acc)
+}
+
+macro_rules! variadic_kernel {
+    ($name:ident, $method:ident) => {
+        fn $name(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+            let out = variadic(ctx, inputs, |a, b| {
+                let dt = a.dtype();
+                crate::with_numeric!(dt, T, { map2::<T, T, T>(a, b, dt, |x, y| x.$method(y)) })
+            })?;
+            Ok(vec![out])
+        }
+    };
+}
+variadic_kernel!(max, max);
+variadic_kernel!(min, min);
+variadic_kernel!(sum, add);
+
+fn mean(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let n = inputs.iter().flatten().count() as f64;
+    let total = sum(ctx, inputs)?.pop().unwrap();
+    let dt = total.dtype();
+    let mut out = Tensor::zeros(dt, total.shape());
+    crate::with_numeric!(dt, T, {
+        par_map(total.view::<T>()?, out.view_mut::<T>()?, |x| T::from_f64(x.to_f64() / n));
+    });
+    Ok(vec![out])
+}
+
+fn where_(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let c = ctx.input(inputs, 0)?;
+    let (x, y) = two(ctx, &inputs[1..])?;
+    let (shape, plan) = Plan::new([c.shape(), x.shape(), y.shape()])?;
+    let cv = c.view::<bool>()?;
+    let dt = x.dtype();
+    if dt == DType::String {
+        let mut out = vec![String::new(); kiln_runtime::tensor::numel(&shape)];
+        map3_into(&plan, cv, x.strings()?, y.strings()?, &mut out, |c, a, b| {
+            if *c { a.clone() } else { b.clone() }
+        });
+        return Ok(vec![Tensor::from_strings(&shape, out)?]);
+    }
+    // Where only moves elements: run it on the raw bits of a same-sized unsigned type.
+    let raw = super::cast::raw_dtype(dt)?;
+    let (xr, yr) = (super::cast::reinterpret(x, raw)?, super::cast::reinterpret(y, raw)?);
+    let mut out = Tensor::zeros(raw, &shape);
+    macro_rules! go {
+        ($T:ty) => {
+            map3_into(&plan, cv, xr.view::<$T>()?, yr.view::<$T>()?, out.view_mut::<$T>()?, |c, a, b| {
+                if *c { *a } else { *b }
+            })
+        };
+    }
+    match raw {
+        DType::U8 => go!(u8),
+        DType::U16 => go!(u16),
+        DType::U32 => go!(u32),
+        _ => go!(u64),
+    }
+    Ok(vec![super::cast::reinterpret(&out, dt)?])
+}
+
+pub fn register(r: &mut Registry) {
+    r.add("Add", add);
+    r.add("Sub", sub);
+    r.add("Mul", mul);
+    r.add("Div", div);
+    r.add("Pow", pow);
+    r.add("Mod", modulo);
+    r.add("PRelu", prelu);
+    r.add("BitShift", bitshift);
+    r.add("BitwiseAnd", bitwise_and);
+    r.add("BitwiseOr", bitwise_or);
+    r.add("BitwiseXor", bitwise_xor);
+    r.add("Max", max);
+    r.add("Min", min);
+    r.add("Sum", sum);
+    r.add("Mean", mean);
+    r.add("Where", where_);
+}

@@ -1,0 +1,307 @@
+//! TensorProto ⇄ runtime `Tensor`, for every dtype kiln knows, plus sparse → dense.
+//!
+//! `raw_data` (and external data) is shared, not copied, when it is large or already aligned for
+//! its element type; small unaligned payloads are copied so typed views on them always work.
+//! Typed fields (`float_data`, `int32_data`, …) are converted per the spec comments in onnx.proto:
+//! 16-bit floats and float8 travel as bit patterns in `int32_data`, 4-bit types as one packed byte
+//! (two elements, first in the low nibble) per entry. In memory, 4-bit types are unpacked one
+//! element per byte, int4 sign-extended. Hosts are assumed little-endian, like ONNX's raw_data.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use half::{bf16, f16};
+use kiln_runtime::{DType, Elem, Error, Result, Tensor};
+
+use super::load::{is_external, ExternalStore};
+use super::proto::{SparseTensorProto, TensorProto};
+
+/// Payloads at least this large are shared even if unaligned (consumers call `Tensor::aligned`).
+const SHARE_UNALIGNED_MIN: usize = 64 * 1024;
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidModel(msg.into())
+}
+
+fn label(t: &TensorProto) -> String {
+    if t.name.is_empty() { "<unnamed>".into() } else { t.name.clone() }
+}
+
+/// The dtype of an ONNX element-type code, with a clear error for codes kiln does not support.
+pub fn dtype_of(code: i32, what: &str) -> Result<DType> {
+    DType::from_onnx(code).ok_or_else(|| match code {
+        0 => invalid(format!("{what} has no data type")),
+        25 => Error::DType(format!("{what}: uint2 tensors are not supported")),
+        26 => Error::DType(format!("{what}: int2 tensors are not supported")),
+        c => invalid(format!("{what}: unknown data type {c}")),
+    })
+}
+
+/// Validated shape of a TensorProto-like dims list.
+pub fn shape_of(dims: &[i64], what: &str) -> Result<(Vec<usize>, usize)> {
+    let mut shape = Vec::with_capacity(dims.len());
+    let mut n: usize = 1;
+    for &d in dims {
+        let d = usize::try_from(d).map_err(|_| invalid(format!("{what} has a negative dim {d}")))?;
+        n = n.checked_mul(d).ok_or_else(|| invalid(format!("{what}: shape {dims:?} overflows")))?;
+        shape.push(d);
+    }
+    Ok((shape, n))
+}
+
+fn is_packed4(dtype: DType) -> bool {
+    matches!(dtype, DType::I4 | DType::U4 | DType::F4E2M1)
+}
+
+/// A TensorProto as a runtime tensor; external data is read through `ext`.
+pub fn to_tensor(t: &TensorProto, ext: &ExternalStore) -> Result<Tensor> {
+    let what = format!("tensor '{}'", label(t));
+    let dtype = dtype_of(t.data_type, &what)?;
+    let (shape, n) = shape_of(&t.dims, &what)?;
+    if t.segment.is_some() {
+        return Err(Error::Other(format!("{what} is segmented, which kiln does not support")));
+    }
+    if is_external(t) {
+        if dtype == DType::String {
+            return Err(invalid(format!("{what}: string tensors cannot use external data")));
+        }
+        return from_raw(dtype, &shape, n, ext.resolve(t)?, &what);
+    }
+    if !t.raw_data.is_empty() {
+        return from_raw(dtype, &shape, n, t.raw_data.clone(), &what);
+    }
+    from_typed(t, dtype, &shape, n, &what)
+}
+
+/// A TensorProto with inline data only (external data is an error).
+pub fn to_tensor_inline(t: &TensorProto) -> Result<Tensor> {
+    to_tensor(t, &ExternalStore::none())
+}
+
+fn from_raw(dtype: DType, shape: &[usize], n: usize, raw: Bytes, what: &str) -> Result<Tensor> {
+    if dtype == DType::String {
+        return Err(invalid(format!("{what}: string tensors must use string_data, not raw_data")));
+    }
+    if is_packed4(dtype) {
+        let want = n.div_ceil(2);
+        if raw.len() != want {
+            return Err(invalid(format!(
+                "{what}: {dtype} {shape:?} needs {want} packed bytes, raw data has {}",
+                raw.len()
+            )));
+        }
+        return unpack4(dtype, shape, n, raw.iter().copied());
+    }
+    let want = n * dtype.size();
+    if raw.len() != want {
+        return Err(invalid(format!(
+            "{what}: {dtype} {shape:?} needs {want} bytes, raw data has {}",
+            raw.len()
+        )));
+    }
+    share(dtype, shape, raw).map_err(|e| invalid(format!("{what}: {e}")))
+}
+
+/// Wrap bytes without copying when typed views will work on them (or they are big).
+fn share(dtype: DType, shape: &[usize], raw: Bytes) -> Result<Tensor> {
+    if raw.is_empty() {
+        return Ok(Tensor::zeros(dtype, shape));
+    }
+    let align = elem_align(dtype);
+    if (raw.as_ptr() as usize) % align == 0 || raw.len() >= SHARE_UNALIGNED_MIN {
+        Tensor::from_shared(dtype, shape, Arc::new(raw))
+    } else {
+        Tensor::from_bytes(dtype, shape, &raw)
+    }
+}
+
+fn elem_align(dtype: DType) -> usize {
+    match dtype {
+        DType::Complex64 => 4,
+        d => d.size().min(8),
+    }
+}
+
+/// Unpack 4-bit elements (first in the low nibble) into one byte each; int4 is sign-extended.
+fn unpack4(dtype: DType, shape: &[usize], n: usize, packed: impl Iterator<Item = u8>) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(n + 1);
+    for b in packed {
+        out.push(b & 0x0f);
+        out.push(b >> 4);
+    }
+    out.truncate(n);
+    if dtype == DType::I4 {
+        for v in &mut out {
+            *v = (((*v << 4) as i8) >> 4) as u8;
+        }
+    }
+    Tensor::from_bytes(dtype, shape, &out)
+}
+
+fn count_check(what: &str, field: &str, have: usize, want: usize) -> Result<()> {
+    if have != want {
+        return Err(invalid(format!("{what}: expected {want} values in {field}, found {have}")));
+    }
+    Ok(())
+}
+
+fn typed<T: Elem>(dtype: DType, shape: &[usize], v: Vec<T>) -> Result<Tensor> {
+    Tensor::from_slice_as(dtype, shape, &v)
+}
+
+fn from_typed(t: &TensorProto, dtype: DType, shape: &[usize], n: usize, what: &str) -> Result<Tensor> {
+    use DType::*;
+    let no_data = t.float_data.is_empty()
+        && t.int32_data.is_empty()
+        && t.string_data.is_empty()
+        && t.int64_data.is_empty()
+        && t.double_data.is_empty()
+        && t.uint64_data.is_empty();
+    if n == 0 && no_data {
+        return Ok(Tensor::zeros(dtype, shape));
+    }
+    let i32d = &t.int32_data;
+    match dtype {
+        F32 => {
+            count_check(what, "float_data", t.float_data.len(), n)?;
+            typed(F32, shape, t.float_data.clone())
+        }
+        Complex64 => {
+            count_check(what, "float_data", t.float_data.len(), 2 * n)?;
+            let bytes: Vec<u8> = t.float_data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Tensor::from_bytes(Complex64, shape, &bytes)
+        }
+        F64 => {
+            count_check(what, "double_data", t.double_data.len(), n)?;
+            typed(F64, shape, t.double_data.clone())
+        }
+        Complex128 => {
+            count_check(what, "double_data", t.double_data.len(), 2 * n)?;
+            let bytes: Vec<u8> = t.double_data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Tensor::from_bytes(Complex128, shape, &bytes)
+        }
+        I64 => {
+            count_check(what, "int64_data", t.int64_data.len(), n)?;
+            typed(I64, shape, t.int64_data.clone())
+        }
+        U64 => {
+            count_check(what, "uint64_data", t.uint64_data.len(), n)?;
+            typed(U64, shape, t.uint64_data.clone())
+        }
+        U32 => {
+            count_check(what, "uint64_data", t.uint64_data.len(), n)?;
+            typed(U32, shape, t.uint64_data.iter().map(|&x| x as u32).collect())
+        }
+        String => {
+            count_check(what, "string_data", t.string_data.len(), n)?;
+            let strings = t
+                .string_data
+                .iter()
+                .map(|s| match std::str::from_utf8(s) {
+                    Ok(s) => s.to_owned(),
+                    Err(_) => std::string::String::from_utf8_lossy(s).into_owned(),
+                })
+                .collect();
+            Tensor::from_strings(shape, strings)
+        }
+        I4 | U4 | F4E2M1 => {
+            count_check(what, "int32_data", i32d.len(), n.div_ceil(2))?;
+            unpack4(dtype, shape, n, i32d.iter().map(|&x| x as u8))
+        }
+        _ => {
+            count_check(what, "int32_data", i32d.len(), n)?;
+            match dtype {
+                I32 => typed(I32, shape, i32d.clone()),
+                I16 => typed(I16, shape, i32d.iter().map(|&x| x as i16).collect()),
+                U16 => typed(U16, shape, i32d.iter().map(|&x| x as u16).collect()),
+                I8 => typed(I8, shape, i32d.iter().map(|&x| x as i8).collect()),
+                U8 | F8E4M3FN | F8E4M3FNUZ | F8E5M2 | F8E5M2FNUZ | F8E8M0 => {
+                    typed(dtype, shape, i32d.iter().map(|&x| x as u8).collect())
+                }
+                Bool => typed(Bool, shape, i32d.iter().map(|&x| x != 0).collect()),
+                F16 => typed(F16, shape, i32d.iter().map(|&x| f16::from_bits(x as u16)).collect()),
+                BF16 => {
+                    typed(BF16, shape, i32d.iter().map(|&x| bf16::from_bits(x as u16)).collect())
+                }
+                d => Err(invalid(format!("{what}: {d} data cannot be stored in int32_data"))),
+            }
+        }
+    }
+    .map_err(|e| match e {
+        e @ Error::InvalidModel(_) => e,
+        e => invalid(format!("{what}: {e}")),
+    })
+}
+
+/// A runtime tensor as a TensorProto (data in `raw_data`, strings in `string_data`, 4-bit types
+/// packed two per byte).
+pub fn from_tensor(t: &Tensor, name: &str) -> Result<TensorProto> {
+    let mut p = TensorProto {
+        name: name.to_string(),
+        dims: t.shape().iter().map(|&d| d as i64).collect(),
+        data_type: t.dtype().onnx_code(),
+        ..Default::default()
+    };
+    if t.dtype() == DType::String {
+        p.string_data = t.strings()?.iter().map(|s| s.as_bytes().to_vec()).collect();
+    } else if is_packed4(t.dtype()) {
+        let b = t.bytes();
+        let packed: Vec<u8> = b
+            .chunks(2)
+            .map(|c| (c[0] & 0x0f) | (c.get(1).copied().unwrap_or(0) << 4))
+            .collect();
+        p.raw_data = Bytes::from(packed);
+    } else {
+        p.raw_data = Bytes::copy_from_slice(t.bytes());
+    }
+    Ok(p)
+}
+
+/// A SparseTensorProto expanded into a dense tensor (zeros / empty strings elsewhere).
+pub fn sparse_to_tensor(sp: &SparseTensorProto, ext: &ExternalStore) -> Result<Tensor> {
+    let values = sp.values.as_ref().ok_or_else(|| invalid("sparse tensor without values"))?;
+    let what = format!("sparse tensor '{}'", label(values));
+    let indices = sp.indices.as_ref().ok_or_else(|| invalid(format!("{what} has no indices")))?;
+    let vals = to_tensor(values, ext)?;
+    let idx_t = to_tensor(indices, ext)?;
+    let idx = idx_t.to_i64_vec().map_err(|e| invalid(format!("{what}: indices: {e}")))?;
+    let (shape, n) = shape_of(&sp.dims, &what)?;
+    let nnz = vals.len();
+    let rank = shape.len();
+    let linear: Vec<usize> = match idx_t.shape() {
+        [k] if *k == nnz => idx
+            .iter()
+            .map(|&i| usize::try_from(i).ok().filter(|&i| i < n))
+            .collect::<Option<_>>()
+            .ok_or_else(|| invalid(format!("{what}: an index is out of range")))?,
+        [k, r] if *k == nnz && *r == rank => idx
+            .chunks(rank.max(1))
+            .map(|c| {
+                c.iter().zip(&shape).try_fold(0usize, |acc, (&i, &d)| {
+                    usize::try_from(i).ok().filter(|&i| i < d).map(|i| acc * d + i)
+                })
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| invalid(format!("{what}: an index is out of range")))?,
+        s => {
+            return Err(invalid(format!(
+                "{what}: indices of shape {s:?} do not fit {nnz} values of a rank-{rank} tensor"
+            )))
+        }
+    };
+    if vals.dtype() == DType::String {
+        let src = vals.strings()?;
+        let mut out = vec![std::string::String::new(); n];
+        for (&i, s) in linear.iter().zip(src) {
+            out[i] = s.clone();
+        }
+        return Tensor::from_strings(&shape, out);
+    }
+    let size = vals.dtype().size();
+    let src = vals.bytes();
+    let mut dense = vec![0u8; n * size];
+    for (k, &i) in linear.iter().enumerate() {
+        dense[i * size..(i + 1) * size].copy_from_slice(&src[k * size..(k + 1) * size]);
+    }
+    Tensor::from_bytes(vals.dtype(), &shape, &dense)
+}

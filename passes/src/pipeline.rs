@@ -1,0 +1,81 @@
+//! The default compile pipeline: import → infer → passes → support check → lower.
+
+use std::path::Path;
+
+use kiln_backends::cpu::registry;
+use kiln_compiler::import::import_model;
+use kiln_compiler::infer::infer_types;
+use kiln_compiler::ir::{Graph, Model};
+use kiln_compiler::lower::{lower, Lowered};
+use kiln_compiler::pass::{PassManager, PassReport};
+use kiln_runtime::{Error, Result};
+
+use crate::{ConstantFolding, DeadCodeElimination};
+
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    pub target: String,
+    pub fold: bool,
+    pub dce: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions { target: "cpu-generic".into(), fold: true, dce: true }
+    }
+}
+
+pub struct Compiled {
+    pub model: Model,
+    pub lowered: Lowered,
+    pub reports: Vec<PassReport>,
+}
+
+/// The passes `opts` selects, in order.
+pub fn pass_manager(opts: &CompileOptions) -> PassManager {
+    let mut pm = PassManager::new();
+    if opts.fold {
+        pm.add(Box::new(ConstantFolding::default()));
+    }
+    if opts.dce {
+        pm.add(Box::new(DeadCodeElimination));
+    }
+    pm
+}
+
+/// Fail with the first op the CPU backend cannot run, naming op, domain, opset and node.
+pub fn check_supported(g: &Graph) -> Result<()> {
+    let reg = registry();
+    for n in &g.nodes {
+        if !reg.supports(&n.domain, &n.op) {
+            return Err(Error::Unsupported {
+                op: n.op.clone(),
+                domain: if n.domain.is_empty() { "ai.onnx".into() } else { n.domain.clone() },
+                opset: n.opset,
+                node: n.name.clone(),
+                detail: "no CPU kernel".into(),
+            });
+        }
+        for sg in n.subgraphs() {
+            check_supported(sg)?;
+        }
+    }
+    Ok(())
+}
+
+/// Compile an IR model that is already imported.
+pub fn compile_model(mut model: Model, opts: &CompileOptions) -> Result<Compiled> {
+    infer_types(&mut model)?;
+    let pm = pass_manager(opts);
+    let reports = pm.run(&mut model)?;
+    infer_types(&mut model)?;
+    check_supported(&model.graph)?;
+    let names: Vec<String> = pm.names().iter().map(|s| s.to_string()).collect();
+    let lowered = lower(&model, &opts.target, &names)?;
+    Ok(Compiled { model, lowered, reports })
+}
+
+/// Compile an `.onnx` file.
+pub fn compile_file(path: &Path, opts: &CompileOptions) -> Result<Compiled> {
+    compile_model(import_model(path)?, opts)
+}
