@@ -360,6 +360,16 @@ def stamp_text(cache: Path) -> str:
             f"seeds={json.dumps({k: s for k, (_, s) in CASES.items()})}\n")
 
 
+def required_files() -> list[str]:
+    """The cache paths under models/ that testdata/models.txt fetches."""
+    dests = []
+    for line in (HERE / "models.txt").read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) == 5 and fields[4].startswith("models/"):
+            dests.append(fields[4])
+    return dests
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="regenerate even if the stamp matches")
@@ -368,9 +378,10 @@ def main() -> int:
 
     cache = cache_dir()
     out_root = cache / "goldens"
-    missing = [m for m in {fn_seed for fn_seed in ("models/minilm-tokenizer.json",)} if not (cache / m).exists()]
-    if missing or not (cache / "models").is_dir():
-        print(f"goldens: error: models missing in {cache}: run python3 testdata/fetch.py first", file=sys.stderr)
+    missing = [m for m in required_files() if not (cache / m).exists()]
+    if missing:
+        print(f"goldens: error: {', '.join(missing)} missing in {cache}: run python3 testdata/fetch.py first",
+              file=sys.stderr)
         return 1
     stamp = stamp_text(cache)
     stamp_file = out_root / "stamp.txt"

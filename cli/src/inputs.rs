@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use kiln_runtime::manifest::ValueInfo;
 use kiln_runtime::{Error, Result, Tensor, Value};
 
-/// Read a tensor file: .npy, or a serialized ONNX TensorProto (.pb).
-pub fn read_tensor(path: &Path) -> Result<Value> {
+/// Read an input file for the input `info`: .npy, or a serialized ONNX TensorProto (.pb; also
+/// SequenceProto / OptionalProto for sequence and optional inputs).
+pub fn read_input(path: &Path, info: &ValueInfo) -> Result<Value> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("npy") => Ok(Value::Tensor(crate::npy::read(path)?)),
-        Some("pb") => kiln_compiler::onnx::read_value_file(path),
+        Some("pb") => kiln_compiler::onnx::read_value_file_for(path, info),
         _ => Err(Error::Input(format!("{}: expected a .npy or .pb file", path.display()))),
     }
 }
@@ -28,7 +29,7 @@ pub fn gather(infos: &[&ValueInfo], dir: Option<&Path>, named: &[String]) -> Res
         }
         for (k, slot) in values.iter_mut().enumerate() {
             if let Some(p) = find_input_file(dir, k) {
-                *slot = Some(read_tensor(&p)?);
+                *slot = Some(read_input(&p, infos[k])?);
             }
         }
     }
@@ -40,7 +41,7 @@ pub fn gather(infos: &[&ValueInfo], dir: Option<&Path>, named: &[String]) -> Res
             let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
             Error::Input(format!("model has no input '{name}' (inputs: {names:?})"))
         })?;
-        values[k] = Some(read_tensor(Path::new(file))?);
+        values[k] = Some(read_input(Path::new(file), infos[k])?);
     }
     values
         .into_iter()

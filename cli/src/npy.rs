@@ -63,7 +63,7 @@ pub fn parse(data: &[u8]) -> std::result::Result<Tensor, String> {
     }
     let major = data[6];
     let (hlen, hstart) = match major {
-        1 => (u16::from_le_bytes([data[8], data[9]]) as usize, 10),
+        1 => (u16::from_le_bytes([data[8], data[9]]) as usize, 10usize),
         2 | 3 => {
             if data.len() < 12 {
                 return Err("truncated header".into());

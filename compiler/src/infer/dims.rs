@@ -53,12 +53,13 @@ pub(crate) fn join_dim(a: &Dim, b: &Dim) -> Dim {
     }
 }
 
-/// A declared dim refined by an inferred one: fixed sizes win, a symbol beats unknown.
+/// A declared dim refined by an inferred one: fixed sizes win, then inferred symbols (they tie
+/// the value to the graph inputs' symbols, where exporters declare intermediate values with
+/// made-up names like `Concat461_dim_0`), then declared ones.
 pub(crate) fn refine_dim(declared: &Dim, inferred: &Dim) -> Dim {
     match (declared, inferred) {
         (Dim::Fixed(_), _) => declared.clone(),
-        (_, Dim::Fixed(_)) => inferred.clone(),
-        (Dim::Unknown, Dim::Sym(_)) => inferred.clone(),
+        (_, Dim::Fixed(_) | Dim::Sym(_)) => inferred.clone(),
         _ => declared.clone(),
     }
 }

@@ -11,7 +11,7 @@ const SAME_AS_INPUT0: &[&str] = &[
     "Abs", "Acos", "Acosh", "Add", "AffineGrid", "Asin", "Asinh", "Atan", "Atanh", "AveragePool",
     "BatchNormalization", "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Ceil",
     "Celu", "CenterCropPad", "Clip", "Col2Im", "Compress", "Concat", "Conv", "ConvTranspose", "Cos",
-    "Cosh", "CumSum", "DeformConv", "DepthToSpace", "Det", "DFT", "Div", "Einsum", "Elu", "Erf",
+    "Cosh", "CumProd", "CumSum", "DeformConv", "DepthToSpace", "Det", "DFT", "Div", "Einsum", "Elu", "Erf",
     "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm",
     "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "GridSample", "GroupNormalization", "GRU",
     "HardSigmoid", "Hardmax", "HardSwish", "Identity", "InstanceNormalization", "LeakyRelu", "Log",
@@ -42,7 +42,7 @@ pub(crate) fn out_dtype(cx: &Cx, k: usize) -> Option<DType> {
         ("Shape" | "Size" | "ArgMax" | "ArgMin" | "NonZero" | "NonMaxSuppression", _) => Some(I64),
         ("TopK" | "MaxPool", 1) | ("Unique", 1..=3) => Some(I64),
         ("MaxPool", 0) => in0,
-        ("Cast", 0) => cx.attr_dtype("to"),
+        ("Cast" | "BitCast", 0) => cx.attr_dtype("to"),
         ("CastLike", 0) => cx.dtype(1),
         ("EyeLike" | "RandomNormalLike" | "RandomUniformLike" | "Bernoulli", 0) => {
             cx.attr_dtype("dtype").or(in0)

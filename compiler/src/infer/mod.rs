@@ -26,6 +26,9 @@ use crate::Result;
 
 pub(crate) use dims::SymInt;
 
+/// Constant inputs longer than this are weights, not arguments, and are not read by inference.
+const MAX_ARG_LEN: usize = 1 << 16;
+
 /// Infer types of every value of the model's graphs (subgraphs included).
 pub fn infer_types(model: &mut Model) -> Result<()> {
     infer_graph(&mut model.graph, &Scope::default());
@@ -81,7 +84,12 @@ pub(crate) fn infer_graph(g: &mut Graph, outer: &Scope) {
                 let cx = Cx::new(&node, g, &captured, &syms);
                 let ins = cx.input_types();
                 let opset = cx.opset;
-                control::infer(&mut node, ins, opset, &scope)
+                // An If whose condition is known here types like the branch it will take.
+                let cond = (node.op == "If")
+                    .then(|| cx.sym_ints(0).and_then(|v| v.first().and_then(|x| x.int())))
+                    .flatten()
+                    .map(|c| c != 0);
+                control::infer(&mut node, ins, opset, cond, &scope)
             };
             g.nodes[i] = node;
             (types, Vec::new())
@@ -292,14 +300,19 @@ impl<'a> Cx<'a> {
         self.consts.get(i).copied().flatten()
     }
 
+    /// A small constant input (shape-like arguments, not weights).
+    fn small_konst(&self, i: usize) -> Option<&'a Tensor> {
+        self.konst(i).filter(|t| t.len() <= MAX_ARG_LEN)
+    }
+
     /// A constant integer input's elements.
     pub fn const_ints(&self, i: usize) -> Option<Vec<i64>> {
-        self.konst(i).and_then(|t| t.to_i64_vec().ok())
+        self.small_konst(i).and_then(|t| t.to_i64_vec().ok())
     }
 
     /// A constant real input's elements.
     pub fn const_floats(&self, i: usize) -> Option<Vec<f64>> {
-        self.konst(i).and_then(|t| t.to_f64_vec().ok())
+        self.small_konst(i).and_then(|t| t.to_f64_vec().ok())
     }
 
     /// An integer input's elements when known at compile time, possibly symbolic.
@@ -314,20 +327,12 @@ impl<'a> Cx<'a> {
         self.node.attr(name)
     }
 
-    pub fn has_attr(&self, name: &str) -> bool {
-        self.node.attr(name).is_some()
-    }
-
     pub fn attr_i_opt(&self, name: &str) -> Option<i64> {
         self.node.attr_int(name)
     }
 
     pub fn attr_i(&self, name: &str, default: i64) -> i64 {
         self.node.attr_int(name).unwrap_or(default)
-    }
-
-    pub fn attr_f(&self, name: &str, default: f32) -> f32 {
-        self.node.attr_float(name).unwrap_or(default)
     }
 
     pub fn attr_s(&self, name: &str, default: &'a str) -> &'a str {

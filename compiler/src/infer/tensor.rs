@@ -248,18 +248,11 @@ fn slice(cx: &Cx) -> Option<Vec<Dim>> {
         let get = |n: &str| cx.attr_ints(n).map(|v| v.iter().map(|&x| SymInt::Int(x)).collect::<Vec<_>>());
         (get("starts"), get("ends"), cx.attr_ints("axes").map(|v| v.to_vec()), None)
     } else {
-        let axes = if cx.has(3) { Some(cx.const_ints(3)) } else { Some(None) };
-        let steps = if cx.has(4) { Some(cx.const_ints(4)) } else { Some(None) };
-        let Some(axes) = axes else { unreachable!() };
-        let steps = match steps {
-            Some(Some(v)) => Some(v),
-            Some(None) if cx.has(4) => return Some(vec![Dim::Unknown; s.len()]),
-            _ => None,
-        };
-        if cx.has(3) && axes.is_none() {
+        let unknown = |i: usize| cx.has(i) && cx.const_ints(i).is_none();
+        if unknown(3) || unknown(4) {
             return Some(vec![Dim::Unknown; s.len()]);
         }
-        (cx.sym_ints(1), cx.sym_ints(2), axes, steps)
+        (cx.sym_ints(1), cx.sym_ints(2), cx.const_ints(3), cx.const_ints(4))
     };
     let axes: Vec<usize> = match &axes {
         Some(a) => a.iter().map(|&x| norm_axis(x, s.len())).collect::<Option<_>>()?,
@@ -281,7 +274,13 @@ fn slice(cx: &Cx) -> Option<Vec<Dim>> {
             }
             // The whole of a symbolic dim.
             (d, SymInt::Int(0), SymInt::Int(e)) if step == 1 && *e >= i32::MAX as i64 => d.clone(),
-            (Dim::Sym(x), SymInt::Int(0), SymInt::Sym(y)) if step == 1 && x == y => s[a].clone(),
+            // [0:n] of a dim is n when n fits, which a valid model guarantees.
+            (Dim::Sym(_) | Dim::Fixed(_), SymInt::Int(0), SymInt::Sym(y)) if step == 1 => {
+                match &s[a] {
+                    Dim::Sym(x) if x != y => Dim::Unknown,
+                    _ => Dim::Sym(y.clone()),
+                }
+            }
             _ => Dim::Unknown,
         };
     }
@@ -414,7 +413,7 @@ fn top_k(cx: &Cx) -> Option<Vec<Dim>> {
 }
 
 fn compress(cx: &Cx) -> Option<Vec<Dim>> {
-    let count = cx.konst(1).and_then(|t| t.to_i64_vec().ok()).map(|v| v.iter().filter(|&&x| x != 0).count());
+    let count = cx.const_ints(1).map(|v| v.iter().filter(|&&x| x != 0).count());
     let count = count.map_or(Dim::Unknown, Dim::Fixed);
     match cx.attr_i_opt("axis") {
         Some(a) => {
@@ -454,14 +453,17 @@ fn depth_space(cx: &Cx, to_space: bool) -> Option<Vec<Dim>> {
         return None;
     }
     let b = cx.attr_i("blocksize", 1).max(1);
-    let (c, sp) = if to_space {
-        (map_fixed(&s[1], |c| if c % (b * b) == 0 { c / (b * b) } else { -1 }), |d: &Dim| map_fixed(d, |x| x * b))
+    if b == 1 {
+        return Some(s.to_vec());
+    }
+    let bb = b * b;
+    Some(if to_space {
+        let c = map_fixed(&s[1], |c| if c % bb == 0 { c / bb } else { -1 });
+        vec![s[0].clone(), c, map_fixed(&s[2], |x| x * b), map_fixed(&s[3], |x| x * b)]
     } else {
-        (map_fixed(&s[1], |c| c * b * b), |d: &Dim| map_fixed(d, |x| x / b))
-    };
-    let sp = |d: &Dim| if b == 1 { d.clone() } else { sp(d) };
-    let c = if b == 1 { s[1].clone() } else { c };
-    Some(vec![s[0].clone(), c, sp(&s[2]), sp(&s[3])])
+        let c = map_fixed(&s[1], |c| c * bb);
+        vec![s[0].clone(), c, map_fixed(&s[2], |x| x / b), map_fixed(&s[3], |x| x / b)]
+    })
 }
 
 fn center_crop_pad(cx: &Cx) -> Option<Vec<Dim>> {

@@ -206,6 +206,47 @@ pub fn decode_value_file(path: &Path, ty: &Type) -> Result<Value> {
     }
 }
 
+/// Decode a test-data `.pb` file without knowing its type: a TensorProto if it is one, else a
+/// SequenceProto or OptionalProto. Sequence and optional files are ambiguous on the wire (one
+/// tensor in a sequence encodes exactly like an optional tensor): with one or no tensor this
+/// guesses "sequence", and an element kind of sequence/optional means "optional" (kiln has no
+/// nested sequences). Use `decode_value_file` when the declared type is known.
+pub fn read_value_file(path: &Path) -> Result<Value> {
+    let bytes = map_file(path)?;
+    let ext = store_beside(path);
+    // Read as a TensorProto, a sequence or optional almost never has a data count that matches
+    // its (garbage) dims, so a tensor that converts cleanly is taken as one.
+    let as_tensor = TensorProto::decode(bytes.clone())
+        .map_err(|e| invalid(format!("not a TensorProto: {}: {e}", path.display())))
+        .and_then(|t| to_tensor(&t, &ext));
+    let tensor_err = match as_tensor {
+        Ok(t) => return Ok(Value::Tensor(t)),
+        Err(e) => e,
+    };
+    let Ok(s) = SequenceProto::decode(bytes.clone()) else { return Err(tensor_err) };
+    match s.elem_type {
+        // Empty optional, or an optional of a sequence/optional (kiln has no nested sequences).
+        0 | 3 | 5 => {
+            let Ok(o) = OptionalProto::decode(bytes) else { return Err(tensor_err) };
+            optional_value(&o, None, &ext).map_err(|_| tensor_err)
+        }
+        1 | 2 => sequence_value(&s, None, &ext).map_err(|_| tensor_err),
+        _ => Err(tensor_err),
+    }
+}
+
+/// Decode a test-data `.pb` file feeding a value of an artifact's declared kind (tensor, sequence
+/// or optional), which settles the wire-level ambiguity `read_value_file` has to guess at.
+pub fn read_value_file_for(path: &Path, info: &kiln_runtime::manifest::ValueInfo) -> Result<Value> {
+    use kiln_runtime::manifest::ValueKind as K;
+    match info.kind() {
+        K::Tensor => decode_tensor_file(path).map(Value::Tensor),
+        K::Sequence => decode_sequence_file(path, DType::from_onnx(info.dtype)),
+        K::Optional => decode_optional_file(path, None),
+        K::Unknown => read_value_file(path),
+    }
+}
+
 fn store_beside(path: &Path) -> ExternalStore {
     ExternalStore::new(path.parent().unwrap_or(Path::new(".")))
 }
@@ -273,4 +314,158 @@ pub fn optional_value(o: &OptionalProto, elem: Option<&Type>, ext: &ExternalStor
         }
     };
     Ok(Value::Optional(inner.transpose()?.map(Box::new)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::proto::{GraphProto, StringStringEntryProto};
+    use crate::onnx::tensor::from_tensor;
+
+    fn model_with(init: TensorProto) -> ModelProto {
+        ModelProto {
+            ir_version: 8,
+            graph: Some(GraphProto { name: "g".into(), initializer: vec![init], ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn weights_are_slices_of_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Tensor::from_vec(&[1000], (0..1000).map(|i| i as f32).collect()).unwrap();
+        let bytes = model_with(from_tensor(&w, "w").unwrap()).encode_to_vec();
+        let path = write(dir.path(), "m.onnx", &bytes);
+        let map = map_file(&path).unwrap();
+        let range = map.as_ptr() as usize..map.as_ptr() as usize + map.len();
+        let model = decode_model(map.clone(), "m").unwrap();
+        let raw = &model.graph.as_ref().unwrap().initializer[0].raw_data;
+        assert!(range.contains(&(raw.as_ptr() as usize)), "raw_data must point into the map");
+        let (_, sha) = read_model(&path).unwrap();
+        assert_eq!(sha, sha256_hex(&bytes));
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn garbage_is_not_a_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Tensor::from_vec(&[64], vec![1.0f32; 64]).unwrap();
+        let good = model_with(from_tensor(&w, "w").unwrap()).encode_to_vec();
+        let truncated = write(dir.path(), "t.onnx", &good[..good.len() - 10]);
+        let empty = write(dir.path(), "e.onnx", b"");
+        // A deterministic pseudo-random byte soup.
+        let mut x = 0x2545F4914F6CDD1Du64;
+        let soup: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let random = write(dir.path(), "r.onnx", &soup);
+        let text = write(dir.path(), "x.onnx", b"hello, this is not a protobuf at all\n");
+        for p in [truncated, empty, random, text] {
+            match read_model(&p) {
+                Err(Error::InvalidModel(m)) => assert!(m.contains("not an ONNX model"), "{m}"),
+                other => panic!("{}: expected InvalidModel, got {other:?}", p.display()),
+            }
+        }
+        assert!(read_model(&dir.path().join("missing.onnx")).is_err());
+    }
+
+    fn external(location: &str, offset: Option<u64>, length: Option<u64>) -> TensorProto {
+        let mut entries = vec![StringStringEntryProto { key: "location".into(), value: location.into() }];
+        if let Some(o) = offset {
+            entries.push(StringStringEntryProto { key: "offset".into(), value: o.to_string() });
+        }
+        if let Some(l) = length {
+            entries.push(StringStringEntryProto { key: "length".into(), value: l.to_string() });
+        }
+        TensorProto {
+            name: "w".into(),
+            data_type: DType::F32.onnx_code(),
+            dims: vec![2],
+            data_location: DataLocation::External as i32,
+            external_data: entries,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn external_data_is_confined() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("model");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let mut data = vec![0u8; 4096];
+        data.extend(1f32.to_le_bytes());
+        data.extend(2f32.to_le_bytes());
+        write(&dir, "w.bin", &data);
+        write(&dir.join("sub"), "w.bin", &data);
+        write(root.path(), "secret.bin", &data);
+        let store = ExternalStore::new(&dir);
+
+        let t = to_tensor(&external("w.bin", Some(4096), Some(8)), &store).unwrap();
+        assert_eq!(t.view::<f32>().unwrap(), &[1.0, 2.0]);
+        assert!(t.buffer().unwrap().is_borrowed(), "external data is mapped, not copied");
+        let t = to_tensor(&external("sub/w.bin", Some(4096), None), &store).unwrap();
+        assert_eq!(t.view::<f32>().unwrap(), &[1.0, 2.0]);
+        assert!(to_tensor(&external("sub/../w.bin", Some(4096), None), &store).is_ok());
+
+        let secret = root.path().join("secret.bin");
+        for bad in ["../secret.bin", secret.to_str().unwrap(), "", "missing.bin", "sub"] {
+            let e = to_tensor(&external(bad, Some(4096), Some(8)), &store);
+            assert!(matches!(e, Err(Error::InvalidModel(_))), "{bad}: {e:?}");
+        }
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&secret, dir.join("link.bin")).unwrap();
+            assert!(to_tensor(&external("link.bin", Some(4096), Some(8)), &store).is_err());
+        }
+        // Out of range, wrong length, and no folder at all.
+        assert!(to_tensor(&external("w.bin", Some(4100), Some(8)), &store).is_err());
+        assert!(to_tensor(&external("w.bin", Some(4092), None), &store).is_err());
+        assert!(to_tensor(&external("w.bin", Some(u64::MAX), Some(8)), &store).is_err());
+        assert!(to_tensor(&external("w.bin", Some(4096), Some(8)), &ExternalStore::none()).is_err());
+    }
+
+    #[test]
+    fn value_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::from_vec(&[2], vec![1i64, 2]).unwrap();
+        let p = write(dir.path(), "t.pb", &from_tensor(&t, "x").unwrap().encode_to_vec());
+        assert!(matches!(read_value_file(&p).unwrap(), Value::Tensor(t) if t.to_i64_vec().unwrap() == [1, 2]));
+
+        let seq = SequenceProto {
+            elem_type: ValueKind::Tensor as i32,
+            tensor_values: vec![from_tensor(&t, "").unwrap(), from_tensor(&t, "").unwrap()],
+            ..Default::default()
+        };
+        let p = write(dir.path(), "s.pb", &seq.encode_to_vec());
+        assert!(matches!(read_value_file(&p).unwrap(), Value::Sequence(DType::I64, v) if v.len() == 2));
+
+        let opt = OptionalProto {
+            elem_type: ValueKind::Tensor as i32,
+            tensor_value: Some(from_tensor(&t, "").unwrap()),
+            ..Default::default()
+        };
+        let p = write(dir.path(), "o.pb", &opt.encode_to_vec());
+        let ty = Type::Optional(Box::new(Type::Unknown));
+        assert!(matches!(decode_value_file(&p, &ty).unwrap(), Value::Optional(Some(_))));
+
+        let empty = OptionalProto::default();
+        let p = write(dir.path(), "n.pb", &empty.encode_to_vec());
+        assert!(matches!(read_value_file(&p).unwrap(), Value::Optional(None)));
+
+        let empty_seq = SequenceProto { elem_type: 1, ..Default::default() };
+        let p = write(dir.path(), "es.pb", &empty_seq.encode_to_vec());
+        let ty = Type::Sequence(Box::new(Type::Tensor { dtype: Some(DType::I32), shape: None }));
+        assert!(matches!(decode_value_file(&p, &ty).unwrap(), Value::Sequence(DType::I32, v) if v.is_empty()));
+    }
 }

@@ -108,7 +108,7 @@ fn share(dtype: DType, shape: &[usize], raw: Bytes) -> Result<Tensor> {
         return Ok(Tensor::zeros(dtype, shape));
     }
     let align = elem_align(dtype);
-    if (raw.as_ptr() as usize) % align == 0 || raw.len() >= SHARE_UNALIGNED_MIN {
+    if (raw.as_ptr() as usize).is_multiple_of(align) || raw.len() >= SHARE_UNALIGNED_MIN {
         Tensor::from_shared(dtype, shape, Arc::new(raw))
     } else {
         Tensor::from_bytes(dtype, shape, &raw)
@@ -304,4 +304,194 @@ pub fn sparse_to_tensor(sp: &SparseTensorProto, ext: &ExternalStore) -> Result<T
         dense[i * size..(i + 1) * size].copy_from_slice(&src[k * size..(k + 1) * size]);
     }
     Tensor::from_bytes(vals.dtype(), &shape, &dense)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::load::decode_tensor_file;
+    use std::path::PathBuf;
+
+    /// The ONNX node test suite, if unpacked (tests using it are skipped otherwise).
+    fn node_case(case: &str, file: &str) -> Option<PathBuf> {
+        let root = std::env::var_os("KILN_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln")))?;
+        let p = root.join("onnx-1.22.0/onnx/backend/test/data/node").join(case).join("test_data_set_0").join(file);
+        if p.exists() {
+            Some(p)
+        } else {
+            eprintln!("skipping: {} not found", p.display());
+            None
+        }
+    }
+
+    fn load(case: &str, file: &str) -> Option<Tensor> {
+        node_case(case, file).map(|p| decode_tensor_file(&p).unwrap().aligned())
+    }
+
+    #[test]
+    fn node_suite_raw_dtypes() {
+        let Some(t) = load("test_abs", "input_0.pb") else { return };
+        assert_eq!((t.dtype(), t.shape()), (DType::F32, &[3, 4, 5][..]));
+        assert_eq!(&t.view::<f32>().unwrap()[..2], &[1.764_052_4, 0.400_157_2]);
+
+        let t = load("test_add_uint8", "input_0.pb").unwrap();
+        assert_eq!(&t.view::<u8>().unwrap()[..4], &[23, 21, 13, 9]);
+        let t = load("test_add_int8", "input_0.pb").unwrap();
+        assert_eq!(&t.view::<i8>().unwrap()[..4], &[0, 8, 11, 8]);
+        let t = load("test_and2d", "input_0.pb").unwrap();
+        assert_eq!((t.dtype(), t.shape()), (DType::Bool, &[3, 4][..]));
+        assert!(t.view::<bool>().unwrap()[0]);
+        let t = load("test_cast_FLOAT_to_BFLOAT16", "output_0.pb").unwrap();
+        assert_eq!(t.view::<bf16>().unwrap()[0].to_f32(), 0.478_515_63);
+        let t = load("test_attention_4d_fp16", "input_0.pb").unwrap();
+        assert_eq!(t.shape(), &[2, 3, 4, 8]);
+        assert_eq!(t.view::<f16>().unwrap()[1].to_f32(), 0.715_332_03);
+        let t = load("test_add_uint64", "input_0.pb").unwrap();
+        assert_eq!(&t.view::<u64>().unwrap()[..4], &[14, 0, 19, 6]);
+        let t = load("test_add_uint32", "input_0.pb").unwrap();
+        assert_eq!(&t.view::<u32>().unwrap()[..4], &[17, 7, 20, 2]);
+        let t = load("test_ai_onnx_ml_tree_ensemble_single_tree", "input_0.pb").unwrap();
+        assert_eq!(&t.view::<f64>().unwrap()[..2], &[1.2, 3.4]);
+    }
+
+    #[test]
+    fn node_suite_packed_and_typed() {
+        let Some(t) = load("test_cast_FLOAT_to_INT4", "output_0.pb") else { return };
+        assert_eq!((t.dtype(), t.shape()), (DType::I4, &[5, 5][..]));
+        assert_eq!(&t.view::<i8>().unwrap()[..4], &[7, -8, -7, -6]);
+        let t = load("test_cast_FLOAT_to_UINT4", "output_0.pb").unwrap();
+        assert_eq!(&t.view::<u8>().unwrap()[..4], &[7, 8, 9, 10]);
+        let t = load("test_cast_FLOAT4E2M1_to_FLOAT", "input_0.pb").unwrap();
+        assert_eq!((t.dtype(), t.len()), (DType::F4E2M1, 15));
+        assert_eq!(&t.view::<u8>().unwrap()[..4], &[1, 0, 2, 14]);
+        // int32_data carrying packed 4-bit pairs and float8 bit patterns.
+        let t = load("test_dequantizelinear_int4", "input_0.pb").unwrap();
+        assert_eq!(t.view::<i8>().unwrap(), &[0, 1, 7, -4, -8]);
+        let t = load("test_dequantizelinear_uint4", "input_0.pb").unwrap();
+        assert_eq!(t.view::<u8>().unwrap(), &[0, 1, 7, 10, 15]);
+        let t = load("test_dequantizelinear_e4m3fn", "input_0.pb").unwrap();
+        assert_eq!((t.dtype(), t.view::<u8>().unwrap()), (DType::F8E4M3FN, &[0, 48, 56, 126, 237][..]));
+        let t = load("test_quantizelinear_blocked_symmetric", "output_0.pb").unwrap();
+        assert_eq!(&t.view::<i16>().unwrap()[..4], &[4, -5, -4, 2]);
+        let t = load("test_ai_onnx_ml_label_encoder_string_int", "input_0.pb").unwrap();
+        assert_eq!(&t.strings().unwrap()[..4], &["a", "b", "d", "c"]);
+        let t = load("test_castlike_BFLOAT16_to_FLOAT", "input_1.pb").unwrap();
+        assert_eq!((t.dtype(), t.shape()), (DType::F32, &[0][..]));
+    }
+
+    fn proto(dtype: DType, dims: &[i64]) -> TensorProto {
+        TensorProto { data_type: dtype.onnx_code(), dims: dims.to_vec(), name: "t".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn typed_fields_every_kind() {
+        let mut p = proto(DType::F16, &[2]);
+        p.int32_data = vec![0x3c00, 0xc000];
+        let t = to_tensor_inline(&p).unwrap();
+        assert_eq!(t.view::<f16>().unwrap(), &[f16::from_f32(1.0), f16::from_f32(-2.0)]);
+
+        let mut p = proto(DType::Complex64, &[2]);
+        p.float_data = vec![1.0, 2.0, 3.0, 4.0];
+        let t = to_tensor_inline(&p).unwrap();
+        assert_eq!(t.bytes().len(), 16);
+        assert_eq!(&t.bytes()[4..8], &2f32.to_le_bytes());
+
+        let mut p = proto(DType::Complex128, &[1]);
+        p.double_data = vec![1.5, -2.5];
+        assert_eq!(&to_tensor_inline(&p).unwrap().bytes()[8..], &(-2.5f64).to_le_bytes());
+
+        let mut p = proto(DType::U32, &[2]);
+        p.uint64_data = vec![7, 4_000_000_000];
+        assert_eq!(to_tensor_inline(&p).unwrap().view::<u32>().unwrap(), &[7, 4_000_000_000]);
+
+        let mut p = proto(DType::Bool, &[3]);
+        p.int32_data = vec![1, 0, 1];
+        assert_eq!(to_tensor_inline(&p).unwrap().view::<bool>().unwrap(), &[true, false, true]);
+
+        let mut p = proto(DType::I64, &[]);
+        p.int64_data = vec![-5];
+        assert_eq!(to_tensor_inline(&p).unwrap().item::<i64>().unwrap(), -5);
+
+        let mut p = proto(DType::I4, &[3]);
+        p.int32_data = vec![0xF1, 0x08];
+        assert_eq!(to_tensor_inline(&p).unwrap().view::<i8>().unwrap(), &[1, -1, -8]);
+    }
+
+    #[test]
+    fn bad_tensors_are_errors() {
+        let mut p = proto(DType::F32, &[3]);
+        p.float_data = vec![1.0];
+        assert!(to_tensor_inline(&p).is_err());
+        let mut p = proto(DType::F32, &[2]);
+        p.raw_data = Bytes::from_static(&[0; 7]);
+        assert!(to_tensor_inline(&p).is_err());
+        let mut p = proto(DType::Bool, &[2]);
+        p.raw_data = Bytes::from_static(&[1, 2]);
+        assert!(to_tensor_inline(&p).is_err());
+        assert!(to_tensor_inline(&proto(DType::F32, &[-1])).is_err());
+        assert!(to_tensor_inline(&proto(DType::F32, &[1 << 40, 1 << 40])).is_err());
+        assert!(to_tensor_inline(&proto(DType::F32, &[4])).is_err(), "no data");
+        let mut p = proto(DType::F32, &[1]);
+        p.data_type = 26;
+        assert!(matches!(to_tensor_inline(&p), Err(Error::DType(_))));
+        p.data_type = 99;
+        assert!(to_tensor_inline(&p).is_err());
+    }
+
+    #[test]
+    fn roundtrip_through_raw_data() {
+        let cases = vec![
+            Tensor::from_vec(&[2, 2], vec![1.0f32, -2.0, 3.5, 0.0]).unwrap(),
+            Tensor::from_vec(&[3], vec![true, false, true]).unwrap(),
+            Tensor::from_slice_as(DType::I4, &[3], &[-8i8, 7, -1]).unwrap(),
+            Tensor::from_slice_as(DType::U4, &[4], &[0u8, 15, 3, 9]).unwrap(),
+            Tensor::from_strings(&[2], vec!["x".into(), "yz".into()]).unwrap(),
+            Tensor::from_vec(&[0, 3], Vec::<i64>::new()).unwrap(),
+        ];
+        for t in cases {
+            let p = from_tensor(&t, "v").unwrap();
+            let back = to_tensor_inline(&p).unwrap();
+            assert_eq!((back.dtype(), back.shape()), (t.dtype(), t.shape()));
+            assert_eq!(back.bytes(), t.bytes());
+            if t.dtype() == DType::String {
+                assert_eq!(back.strings().unwrap(), t.strings().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn large_raw_data_is_shared() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let raw = Bytes::from(data);
+        let mut p = proto(DType::U8, &[200_000]);
+        p.raw_data = raw.clone();
+        let t = to_tensor_inline(&p).unwrap();
+        assert_eq!(t.bytes().as_ptr(), raw.as_ptr(), "no copy");
+        assert!(t.buffer().unwrap().is_borrowed());
+    }
+
+    #[test]
+    fn sparse_to_dense() {
+        let mut values = proto(DType::F32, &[2]);
+        values.float_data = vec![5.0, 6.0];
+        // Linear indices.
+        let mut idx = proto(DType::I64, &[2]);
+        idx.int64_data = vec![1, 5];
+        let sp = SparseTensorProto { values: Some(values.clone()), indices: Some(idx), dims: vec![2, 3] };
+        let t = sparse_to_tensor(&sp, &ExternalStore::none()).unwrap();
+        assert_eq!(t.view::<f32>().unwrap(), &[0.0, 5.0, 0.0, 0.0, 0.0, 6.0]);
+        // Coordinate indices.
+        let mut idx = proto(DType::I64, &[2, 2]);
+        idx.int64_data = vec![0, 2, 1, 0];
+        let sp = SparseTensorProto { values: Some(values.clone()), indices: Some(idx), dims: vec![2, 3] };
+        let t = sparse_to_tensor(&sp, &ExternalStore::none()).unwrap();
+        assert_eq!(t.view::<f32>().unwrap(), &[0.0, 0.0, 5.0, 6.0, 0.0, 0.0]);
+        // Out of range.
+        let mut idx = proto(DType::I64, &[2]);
+        idx.int64_data = vec![1, 6];
+        let sp = SparseTensorProto { values: Some(values), indices: Some(idx), dims: vec![2, 3] };
+        assert!(sparse_to_tensor(&sp, &ExternalStore::none()).is_err());
+    }
 }

@@ -204,8 +204,8 @@ pub(crate) trait Arith: Elem {
     /// Remainder with the sign of the divisor (Python / floored); floats behave like `fmod`
     /// with NaN turned into 0, as the ONNX reference does.
     fn pymod(self, o: Self) -> Self;
-    fn max(self, o: Self) -> Self;
-    fn min(self, o: Self) -> Self;
+    fn max_nan(self, o: Self) -> Self;
+    fn min_nan(self, o: Self) -> Self;
     fn is_pos(self) -> bool;
     fn to_f64(self) -> f64;
     /// From f64: floats round, integers truncate toward zero and saturate.
@@ -230,8 +230,8 @@ macro_rules! arith_int {
                 #[allow(unused_comparisons)]
                 if r != 0 && ((r < 0) != (o < 0)) { r.wrapping_add(o) } else { r }
             }
-            #[inline(always)] fn max(self, o: Self) -> Self { Ord::max(self, o) }
-            #[inline(always)] fn min(self, o: Self) -> Self { Ord::min(self, o) }
+            #[inline(always)] fn max_nan(self, o: Self) -> Self { Ord::max(self, o) }
+            #[inline(always)] fn min_nan(self, o: Self) -> Self { Ord::min(self, o) }
             #[inline(always)] fn is_pos(self) -> bool { self > 0 }
             #[inline(always)] fn to_f64(self) -> f64 { self as f64 }
             #[inline(always)] fn from_f64(v: f64) -> Self { v as $t }
@@ -252,10 +252,10 @@ macro_rules! arith_float {
                 let r = self % o;
                 if r.is_nan() { 0.0 } else { r }
             }
-            #[inline(always)] fn max(self, o: Self) -> Self {
+            #[inline(always)] fn max_nan(self, o: Self) -> Self {
                 if self.is_nan() || o.is_nan() { <$t>::NAN } else { self.max(o) }
             }
-            #[inline(always)] fn min(self, o: Self) -> Self {
+            #[inline(always)] fn min_nan(self, o: Self) -> Self {
                 if self.is_nan() || o.is_nan() { <$t>::NAN } else { self.min(o) }
             }
             #[inline(always)] fn is_pos(self) -> bool { self > 0.0 }
@@ -277,11 +277,11 @@ macro_rules! arith_half {
             #[inline(always)] fn pymod(self, o: Self) -> Self {
                 <$t>::from_f32(Arith::pymod(self.to_f32(), o.to_f32()))
             }
-            #[inline(always)] fn max(self, o: Self) -> Self {
-                <$t>::from_f32(Arith::max(self.to_f32(), o.to_f32()))
+            #[inline(always)] fn max_nan(self, o: Self) -> Self {
+                <$t>::from_f32(Arith::max_nan(self.to_f32(), o.to_f32()))
             }
-            #[inline(always)] fn min(self, o: Self) -> Self {
-                <$t>::from_f32(Arith::min(self.to_f32(), o.to_f32()))
+            #[inline(always)] fn min_nan(self, o: Self) -> Self {
+                <$t>::from_f32(Arith::min_nan(self.to_f32(), o.to_f32()))
             }
             #[inline(always)] fn is_pos(self) -> bool { self.to_f32() > 0.0 }
             #[inline(always)] fn to_f64(self) -> f64 { self.to_f64() }
@@ -294,7 +294,11 @@ arith_half!(f16, bf16);
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
-fn two<'t>(ctx: &OpCtx, inputs: &'t [Option<Tensor>]) -> Result<(&'t Tensor, &'t Tensor)> {
+/// Inputs 0 and 1, which must share a dtype.
+pub(crate) fn same_dtype_pair<'t>(
+    ctx: &OpCtx,
+    inputs: &'t [Option<Tensor>],
+) -> Result<(&'t Tensor, &'t Tensor)> {
     let (a, b) = (ctx.input(inputs, 0)?, ctx.input(inputs, 1)?);
     if a.dtype() != b.dtype() {
         return Err(Error::DType(format!(
@@ -310,7 +314,7 @@ fn two<'t>(ctx: &OpCtx, inputs: &'t [Option<Tensor>]) -> Result<(&'t Tensor, &'t
 macro_rules! arith_kernel {
     ($name:ident, $method:ident) => {
         fn $name(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-            let (a, b) = two(ctx, inputs)?;
+            let (a, b) = same_dtype_pair(ctx, inputs)?;
             let dt = a.dtype();
             let out = crate::with_numeric!(dt, T, { map2::<T, T, T>(a, b, dt, |x, y| x.$method(y))? });
             Ok(vec![out])
@@ -323,7 +327,7 @@ arith_kernel!(mul, mul);
 arith_kernel!(div, div);
 
 fn modulo(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let (a, b) = two(ctx, inputs)?;
+    let (a, b) = same_dtype_pair(ctx, inputs)?;
     let dt = a.dtype();
     let out = if ctx.attr_i("fmod", 0) != 0 {
         crate::with_numeric!(dt, T, { map2::<T, T, T>(a, b, dt, |x, y| x.fmod(y))? })
@@ -424,7 +428,7 @@ pub(crate) fn par_map<A: Copy + Sync, O: Send>(inp: &[A], out: &mut [O], f: impl
 }
 
 fn prelu(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let (x, slope) = two(ctx, inputs)?;
+    let (x, slope) = same_dtype_pair(ctx, inputs)?;
     let dt = x.dtype();
     let out = crate::with_numeric!(dt, T, {
         map2::<T, T, T>(x, slope, dt, |x, s| if x.is_pos() { x } else { x.mul(s) })?
@@ -440,7 +444,7 @@ fn prelu(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 }
 
 fn bitshift(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let (a, b) = two(ctx, inputs)?;
+    let (a, b) = same_dtype_pair(ctx, inputs)?;
     let dt = a.dtype();
     let left = match ctx.attr_s("direction", "").as_str() {
         "LEFT" => true,
@@ -465,7 +469,7 @@ fn bitshift(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 macro_rules! bitwise_kernel {
     ($name:ident, $op:tt) => {
         fn $name(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-            let (a, b) = two(ctx, inputs)?;
+            let (a, b) = same_dtype_pair(ctx, inputs)?;
             let dt = a.dtype();
             let out = if dt == DType::Bool {
                 map2::<bool, bool, bool>(a, b, dt, |x, y| x $op y)?
@@ -512,8 +516,8 @@ macro_rules! variadic_kernel {
         }
     };
 }
-variadic_kernel!(max, max);
-variadic_kernel!(min, min);
+variadic_kernel!(max, max_nan);
+variadic_kernel!(min, min_nan);
 variadic_kernel!(sum, add);
 
 fn mean(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
@@ -529,7 +533,7 @@ fn mean(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 
 fn where_(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let c = ctx.input(inputs, 0)?;
-    let (x, y) = two(ctx, &inputs[1..])?;
+    let (x, y) = same_dtype_pair(ctx, &inputs[1..])?;
     let (shape, plan) = Plan::new([c.shape(), x.shape(), y.shape()])?;
     let cv = c.view::<bool>()?;
     let dt = x.dtype();
@@ -577,4 +581,161 @@ pub fn register(r: &mut Registry) {
     r.add("Sum", sum);
     r.add("Mean", mean);
     r.add("Where", where_);
+}
+
+/// Helpers for the kernel unit tests of this file, unary.rs, logic.rs and cast.rs.
+#[cfg(test)]
+pub(crate) mod testing {
+    use kiln_runtime::manifest::{Attr, AttrKind, Step};
+    use kiln_runtime::{Result, Tensor};
+
+    use crate::cpu::ctx::OpCtx;
+    use crate::cpu::registry::{registry, Kernel};
+
+    pub(crate) fn run(op: &str, opset: i64, attrs: Vec<Attr>, inputs: Vec<Option<Tensor>>) -> Result<Tensor> {
+        let step = Step { op: op.into(), opset, outputs: vec![0], attrs, ..Default::default() };
+        match registry().get("", op) {
+            Some(Kernel::Tensor(k)) => Ok(k(&OpCtx::new(&step, None), &inputs)?.remove(0)),
+            _ => panic!("no tensor kernel for {op}"),
+        }
+    }
+
+    pub(crate) fn ai(name: &str, i: i64) -> Attr {
+        Attr { name: name.into(), kind: AttrKind::Int as i32, i, ..Default::default() }
+    }
+
+    pub(crate) fn af(name: &str, f: f32) -> Attr {
+        Attr { name: name.into(), kind: AttrKind::Float as i32, f, ..Default::default() }
+    }
+
+    pub(crate) fn as_(name: &str, s: &str) -> Attr {
+        Attr { name: name.into(), kind: AttrKind::String as i32, s: s.as_bytes().to_vec(), ..Default::default() }
+    }
+
+    pub(crate) fn t<T: kiln_runtime::Elem>(shape: &[usize], v: Vec<T>) -> Option<Tensor> {
+        Some(Tensor::from_vec(shape, v).unwrap())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    #[test]
+    fn broadcast_matches_naive_indexing() {
+        // Shapes exercising collapse, middle broadcast, scalar, and the parallel path.
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[2, 3, 4], &[3, 1]),
+            (&[2, 3, 4], &[4]),
+            (&[2, 1, 4], &[1, 3, 1]),
+            (&[5], &[]),
+            (&[], &[2, 2]),
+            (&[3, 1, 50000], &[1, 2, 1]),
+            (&[70000], &[70000]),
+            (&[0, 3], &[3]),
+        ];
+        for &(sa, sb) in cases {
+            let na: usize = sa.iter().product();
+            let nb: usize = sb.iter().product();
+            let a: Vec<i64> = (0..na as i64).collect();
+            let b: Vec<i64> = (0..nb as i64).map(|v| v * 1_000_000).collect();
+            let out = run("Add", 14, vec![], vec![t(sa, a.clone()), t(sb, b.clone())]).unwrap();
+            let shape = broadcast_shapes(&[sa, sb]).unwrap();
+            assert_eq!(out.shape(), &shape[..]);
+            let (ta, tb) = (broadcast_strides(sa, &shape), broadcast_strides(sb, &shape));
+            let got = out.view::<i64>().unwrap();
+            let n: usize = shape.iter().product();
+            for (i, &g) in got.iter().enumerate().take(n) {
+                let (mut rem, mut ia, mut ib) = (i, 0, 0);
+                for d in (0..shape.len()).rev() {
+                    let k = rem % shape[d];
+                    rem /= shape[d];
+                    ia += k * ta[d];
+                    ib += k * tb[d];
+                }
+                assert_eq!(g, a[ia] + b[ib], "{sa:?} + {sb:?} at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn integer_division_truncates_and_never_traps() {
+        let out = run("Div", 14, vec![], vec![t(&[6], vec![-3i32, 3, -3, 3, 5, i32::MIN]), t(&[6], vec![2i32, 2, -2, -2, 0, -1])]);
+        assert_eq!(out.unwrap().view::<i32>().unwrap(), &[-1, 1, 1, -1, 0, i32::MIN]);
+        let out = run("Div", 14, vec![], vec![t(&[2], vec![7u8, 9]), t(&[], vec![2u8])]).unwrap();
+        assert_eq!(out.view::<u8>().unwrap(), &[3, 4]);
+    }
+
+    #[test]
+    fn modulo_sign_rules() {
+        let a = vec![-4i8, 7, 5, 4, -7, 8];
+        let b = vec![2i8, -3, 8, -2, 3, 5];
+        let py = run("Mod", 13, vec![], vec![t(&[6], a.clone()), t(&[6], b.clone())]).unwrap();
+        assert_eq!(py.view::<i8>().unwrap(), &[0, -2, 5, 0, 2, 3]);
+        let c = run("Mod", 13, vec![ai("fmod", 1)], vec![t(&[6], a), t(&[6], b)]).unwrap();
+        assert_eq!(c.view::<i8>().unwrap(), &[0, 1, 5, 0, -1, 3]);
+        let f = run("Mod", 13, vec![ai("fmod", 1)], vec![t(&[2], vec![-4.5f32, 7.0]), t(&[2], vec![2.0f32, -3.0])]).unwrap();
+        assert_eq!(f.view::<f32>().unwrap(), &[-0.5, 1.0]);
+    }
+
+    #[test]
+    fn pow_mixed_types() {
+        let out = run("Pow", 15, vec![], vec![t(&[3], vec![1i32, 2, 3]), t(&[3], vec![4.0f32, 5.0, 6.0])]).unwrap();
+        assert_eq!(out.view::<i32>().unwrap(), &[1, 32, 729]);
+        let out = run("Pow", 15, vec![], vec![t(&[3], vec![2i64, -3, 5]), t(&[3], vec![10i64, 3, -1])]).unwrap();
+        assert_eq!(out.view::<i64>().unwrap(), &[1024, -27, 0]);
+        let out = run("Pow", 15, vec![], vec![t(&[3], vec![1.5f32, -2.0, 4.0]), t(&[], vec![2i64])]).unwrap();
+        assert_eq!(out.view::<f32>().unwrap(), &[2.25, 4.0, 16.0]);
+        let out = run("Pow", 15, vec![], vec![t(&[2], vec![4.0f64, 8.0]), t(&[2], vec![0.5f64, 1.0 / 3.0])]).unwrap();
+        let v = out.view::<f64>().unwrap();
+        assert!((v[0] - 2.0).abs() < 1e-12 && (v[1] - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn variadic_ops() {
+        let nan = f32::NAN;
+        let out = run("Max", 13, vec![], vec![t(&[3], vec![1.0f32, nan, 3.0]), t(&[1], vec![2.0f32]), t(&[3], vec![0.0f32, 0.0, 5.0])]).unwrap();
+        let v = out.view::<f32>().unwrap();
+        assert_eq!((v[0], v[2]), (2.0, 5.0));
+        assert!(v[1].is_nan());
+        let out = run("Min", 13, vec![], vec![t(&[2], vec![3u16, 1])]).unwrap();
+        assert_eq!(out.view::<u16>().unwrap(), &[3, 1]);
+        let out = run("Sum", 13, vec![], vec![t(&[2], vec![1.0f32, 2.0]), t(&[2, 1], vec![10.0f32, 20.0])]).unwrap();
+        assert_eq!(out.shape(), &[2, 2]);
+        assert_eq!(out.view::<f32>().unwrap(), &[11.0, 12.0, 21.0, 22.0]);
+        let out = run("Mean", 13, vec![], vec![t(&[2], vec![1i32, -4]), t(&[2], vec![2i32, 1])]).unwrap();
+        assert_eq!(out.view::<i32>().unwrap(), &[1, -1]);
+        let h = |v: f32| f16::from_f32(v);
+        let out = run("Mean", 13, vec![], vec![t(&[1], vec![h(1.0)]), t(&[1], vec![h(2.0)])]).unwrap();
+        assert_eq!(out.view::<f16>().unwrap(), &[h(1.5)]);
+    }
+
+    #[test]
+    fn prelu_bitshift_bitwise() {
+        let out = run("PRelu", 16, vec![], vec![t(&[2, 2], vec![-1.0f32, 2.0, -3.0, 4.0]), t(&[2], vec![0.5f32, 0.25])]).unwrap();
+        assert_eq!(out.view::<f32>().unwrap(), &[-0.5, 2.0, -1.5, 4.0]);
+        assert!(run("PRelu", 16, vec![], vec![t(&[2], vec![1.0f32, 2.0]), t(&[2, 2], vec![0.0f32; 4])]).is_err());
+        let out = run("BitShift", 11, vec![as_("direction", "LEFT")], vec![t(&[3], vec![16u8, 4, 1]), t(&[3], vec![1u8, 2, 9])]).unwrap();
+        assert_eq!(out.view::<u8>().unwrap(), &[32, 16, 0]);
+        let out = run("BitShift", 11, vec![as_("direction", "RIGHT")], vec![t(&[2], vec![16u32, 4]), t(&[], vec![2u32])]).unwrap();
+        assert_eq!(out.view::<u32>().unwrap(), &[4, 1]);
+        let out = run("BitwiseXor", 18, vec![], vec![t(&[2], vec![0b1100i16, -1]), t(&[2], vec![0b1010i16, 0])]).unwrap();
+        assert_eq!(out.view::<i16>().unwrap(), &[0b0110, -1]);
+    }
+
+    #[test]
+    fn where_any_dtype() {
+        let c = t(&[2, 1], vec![true, false]);
+        let out = run("Where", 16, vec![], vec![c.clone(), t(&[2], vec![1i64, 2]), t(&[], vec![9i64])]).unwrap();
+        assert_eq!(out.shape(), &[2, 2]);
+        assert_eq!(out.view::<i64>().unwrap(), &[1, 2, 9, 9]);
+        let h = |v: f32| bf16::from_f32(v);
+        let out = run("Where", 16, vec![], vec![c.clone(), t(&[1], vec![h(1.0)]), t(&[1], vec![h(2.0)])]).unwrap();
+        assert_eq!(out.dtype(), DType::BF16);
+        assert_eq!(out.view::<bf16>().unwrap(), &[h(1.0), h(2.0)]);
+        let s = |v: &[&str]| Some(Tensor::from_strings(&[v.len()], v.iter().map(|s| s.to_string()).collect()).unwrap());
+        let out = run("Where", 16, vec![], vec![c, s(&["a", "b"]), s(&["z"])]).unwrap();
+        assert_eq!(out.strings().unwrap(), &["a", "b", "z", "z"]);
+    }
 }

@@ -1,5 +1,539 @@
-//! (to be written)
+//! Pooling: MaxPool (with Indices), AveragePool, LpPool, GlobalAveragePool, GlobalMaxPool,
+//! GlobalLpPool, MaxUnpool, MaxRoiPool.
+//!
+//! Windows are described per spatial dim by a tap table (the valid input indices of each output
+//! index), so padding, dilation and ceil mode are settled once and the inner loops never test
+//! bounds. Up to three spatial dims are handled by padding the geometry to 3-D with unit dims.
 
+use kiln_runtime::{DType, Error, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::ctx::OpCtx;
 use crate::cpu::registry::Registry;
+use crate::cpu::util::{real_tensor, real_vec, Real};
+use crate::with_real;
 
-pub fn register(_r: &mut Registry) {}
+pub fn register(r: &mut Registry) {
+    r.add("MaxPool", max_pool);
+    r.add("AveragePool", average_pool);
+    r.add("LpPool", lp_pool);
+    r.add("GlobalAveragePool", global_average_pool);
+    r.add("GlobalMaxPool", global_max_pool);
+    r.add("GlobalLpPool", global_lp_pool);
+    r.add("MaxUnpool", max_unpool);
+    r.add("MaxRoiPool", max_roi_pool);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Geometry
+// ---------------------------------------------------------------------------------------------
+
+/// Padding and output size of one spatial dim.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct DimGeom {
+    pub input: usize,
+    pub output: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub dilation: usize,
+    pub pad_begin: usize,
+    pub pad_end: usize,
+}
+
+/// The attributes shared by pooling (and convolution) ops, resolved against the input's spatial
+/// shape. `ceil` applies to explicit padding only.
+pub(crate) fn spatial_geometry(
+    ctx: &OpCtx,
+    input: &[usize],
+    kernel: &[usize],
+    ceil: bool,
+) -> Result<Vec<DimGeom>> {
+    let nd = input.len();
+    if kernel.len() != nd {
+        return Err(Error::Shape(format!("kernel_shape {kernel:?} does not match {nd} spatial dims")));
+    }
+    let ints = |name: &str, default: i64, len: usize| -> Result<Vec<usize>> {
+        let v = ctx.attr_ints(name).unwrap_or_else(|| vec![default; len]);
+        if v.len() != len || v.iter().any(|&x| x < 0) {
+            return Err(Error::Shape(format!("attribute {name} = {v:?} is invalid for {nd} spatial dims")));
+        }
+        Ok(v.into_iter().map(|x| x as usize).collect())
+    };
+    let strides = ints("strides", 1, nd)?;
+    let dilations = ints("dilations", 1, nd)?;
+    let pads = ints("pads", 0, 2 * nd)?;
+    if strides.iter().chain(&dilations).chain(kernel).any(|&x| x == 0) {
+        return Err(Error::Shape("kernel, strides and dilations must be positive".into()));
+    }
+    let auto_pad = ctx.attr_s("auto_pad", "NOTSET");
+    let mut dims = Vec::with_capacity(nd);
+    for i in 0..nd {
+        let (inp, k, s, d) = (input[i], kernel[i], strides[i], dilations[i]);
+        let ek = (k - 1) * d + 1;
+        let (output, pb, pe) = match auto_pad.as_str() {
+            "SAME_UPPER" | "SAME_LOWER" => {
+                let out = inp.div_ceil(s);
+                let total = ((out.max(1) - 1) * s + ek).saturating_sub(inp);
+                let small = total / 2;
+                if auto_pad == "SAME_UPPER" { (out, small, total - small) } else { (out, total - small, small) }
+            }
+            "VALID" => ((inp.saturating_sub(ek)) / s + usize::from(inp >= ek), 0, 0),
+            "NOTSET" | "" => {
+                let (pb, pe) = (pads[i], pads[i + nd]);
+                let padded = inp + pb + pe;
+                if padded < ek {
+                    (0, pb, pe)
+                } else {
+                    let span = padded - ek;
+                    let mut out = if ceil { span.div_ceil(s) + 1 } else { span / s + 1 };
+                    // The last window must start inside the input or the left padding.
+                    if ceil && (out - 1) * s >= inp + pb {
+                        out -= 1;
+                    }
+                    (out, pb, pe)
+                }
+            }
+            other => return Err(Error::Other(format!("unknown auto_pad '{other}'"))),
+        };
+        dims.push(DimGeom { input: inp, output, kernel: k, stride: s, dilation: d, pad_begin: pb, pad_end: pe });
+    }
+    Ok(dims)
+}
+
+/// Per output index of one dim: the valid input indices of its window and the number of window
+/// positions inside the explicitly padded extent (the divisor of count_include_pad).
+struct Taps {
+    taps: Vec<Vec<usize>>,
+    padded_count: Vec<usize>,
+}
+
+fn taps(g: &DimGeom) -> Taps {
+    let mut taps = Vec::with_capacity(g.output);
+    let mut padded_count = Vec::with_capacity(g.output);
+    for o in 0..g.output {
+        let start = (o * g.stride) as isize - g.pad_begin as isize;
+        let mut t = Vec::with_capacity(g.kernel);
+        let mut cnt = 0;
+        for j in 0..g.kernel {
+            let p = start + (j * g.dilation) as isize;
+            if p < (g.input + g.pad_end) as isize {
+                cnt += 1;
+            }
+            if p >= 0 && (p as usize) < g.input {
+                t.push(p as usize);
+            }
+        }
+        taps.push(t);
+        padded_count.push(cnt);
+    }
+    Taps { taps, padded_count }
+}
+
+/// A pooling problem padded to three spatial dims.
+struct Pool3 {
+    planes: usize,
+    input: [usize; 3],
+    output: [usize; 3],
+    taps: [Taps; 3],
+}
+
+impl Pool3 {
+    fn new(planes: usize, dims: &[DimGeom]) -> Result<Pool3> {
+        if dims.len() > 3 {
+            return Err(Error::Other(format!("pooling over {} spatial dims is not supported", dims.len())));
+        }
+        let unit = DimGeom { input: 1, output: 1, kernel: 1, stride: 1, dilation: 1, pad_begin: 0, pad_end: 0 };
+        let mut g = [unit; 3];
+        for (i, d) in dims.iter().enumerate() {
+            g[3 - dims.len() + i] = *d;
+        }
+        Ok(Pool3 {
+            planes,
+            input: [g[0].input, g[1].input, g[2].input],
+            output: [g[0].output, g[1].output, g[2].output],
+            taps: [taps(&g[0]), taps(&g[1]), taps(&g[2])],
+        })
+    }
+
+    fn in_plane(&self) -> usize {
+        self.input.iter().product()
+    }
+
+    fn out_plane(&self) -> usize {
+        self.output.iter().product()
+    }
+
+    /// Call `f(out_index_in_plane, window_offsets_iter, padded_count)` for every output of a plane.
+    fn for_each_window(&self, mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>, usize)) {
+        let [_, h, w] = self.input;
+        let mut idx = 0;
+        for od in 0..self.output[0] {
+            for oh in 0..self.output[1] {
+                for ow in 0..self.output[2] {
+                    let (td, th, tw) = (&self.taps[0].taps[od], &self.taps[1].taps[oh], &self.taps[2].taps[ow]);
+                    let cnt = self.taps[0].padded_count[od] * self.taps[1].padded_count[oh] * self.taps[2].padded_count[ow];
+                    let mut it = td.iter().flat_map(|&d| {
+                        th.iter().flat_map(move |&y| tw.iter().map(move |&x| (d * h + y) * w + x))
+                    });
+                    f(idx, &mut it, cnt);
+                    idx += 1;
+                }
+            }
+        }
+    }
+}
+
+fn kernel_shape(ctx: &OpCtx, x: &Tensor) -> Result<Vec<usize>> {
+    let k = ctx.attr_ints("kernel_shape").ok_or_else(|| Error::Other("kernel_shape is required".into()))?;
+    if x.rank() < 3 || k.len() != x.rank() - 2 || k.iter().any(|&v| v <= 0) {
+        return Err(Error::Shape(format!("kernel_shape {k:?} does not fit input shape {:?}", x.shape())));
+    }
+    Ok(k.into_iter().map(|v| v as usize).collect())
+}
+
+/// Geometry plus output shape of a (non-global) pooling op.
+fn setup(ctx: &OpCtx, x: &Tensor, allow_ceil: bool) -> Result<(Pool3, Vec<usize>, Vec<DimGeom>)> {
+    let k = kernel_shape(ctx, x)?;
+    let ceil = allow_ceil && ctx.attr_i("ceil_mode", 0) != 0;
+    let dims = spatial_geometry(ctx, &x.shape()[2..], &k, ceil)?;
+    let planes = x.shape()[0] * x.shape()[1];
+    let mut shape = x.shape()[..2].to_vec();
+    shape.extend(dims.iter().map(|d| d.output));
+    Ok((Pool3::new(planes, &dims)?, shape, dims))
+}
+
+// ---------------------------------------------------------------------------------------------
+// MaxPool
+// ---------------------------------------------------------------------------------------------
+
+fn max_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let (p, shape, _) = setup(ctx, x, ctx.opset() >= 10)?;
+    let col_major = ctx.attr_i("storage_order", 0) != 0;
+    let want_idx = ctx.output_wanted(1);
+    let (y, idx) = match x.dtype() {
+        DType::I8 => {
+            let (y, i) = max_planes(&p, x.view::<i8>()?, want_idx);
+            (Tensor::from_vec(&shape, y)?, i)
+        }
+        DType::U8 => {
+            let (y, i) = max_planes(&p, x.view::<u8>()?, want_idx);
+            (Tensor::from_vec(&shape, y)?, i)
+        }
+        dt => with_real!(dt, R, {
+            let (y, i) = max_planes(&p, &real_vec::<R>(x)?, want_idx);
+            (real_tensor(dt, &shape, y)?, i)
+        }),
+    };
+    let mut out = vec![y];
+    if want_idx {
+        let idx = idx.into_iter().map(|i| index_in_storage(&p, i, col_major)).collect();
+        out.push(Tensor::from_vec(&shape, idx)?);
+    }
+    Ok(out)
+}
+
+/// Max over every window; with `want_idx` also the flat input index of each max (first wins).
+fn max_planes<T: Copy + PartialOrd + Send + Sync + Default>(p: &Pool3, x: &[T], want_idx: bool) -> (Vec<T>, Vec<usize>) {
+    let (ip, op) = (p.in_plane(), p.out_plane());
+    let mut y = vec![T::default(); p.planes * op];
+    let mut idx = vec![0usize; if want_idx { p.planes * op } else { 0 }];
+    if op == 0 {
+        return (y, idx);
+    }
+    let plane = |pi: usize, yp: &mut [T], ip_out: Option<&mut [usize]>| {
+        let xp = &x[pi * ip..(pi + 1) * ip];
+        let mut best_idx = vec![0usize; if ip_out.is_some() { op } else { 0 }];
+        p.for_each_window(|o, win, _| {
+            let mut best: Option<(T, usize)> = None;
+            for off in win {
+                let v = xp[off];
+                match best {
+                    Some((b, _)) if !(v > b) => {}
+                    _ => best = Some((v, off)),
+                }
+            }
+            if let Some((b, off)) = best {
+                yp[o] = b;
+                if !best_idx.is_empty() {
+                    best_idx[o] = pi * ip + off;
+                }
+            }
+        });
+        if let Some(io) = ip_out {
+            io.copy_from_slice(&best_idx);
+        }
+    };
+    if want_idx {
+        y.par_chunks_mut(op)
+            .zip(idx.par_chunks_mut(op))
+            .enumerate()
+            .for_each(|(pi, (yp, io))| plane(pi, yp, Some(io)));
+    } else {
+        y.par_chunks_mut(op).enumerate().for_each(|(pi, yp)| plane(pi, yp, None));
+    }
+    (y, idx)
+}
+
+/// A flat row-major input index as ONNX reports it: row-major, or with the spatial dims in
+/// column-major order for storage_order = 1.
+fn index_in_storage(p: &Pool3, flat: usize, col_major: bool) -> i64 {
+    if !col_major {
+        return flat as i64;
+    }
+    let ip = p.in_plane();
+    let (plane, off) = (flat / ip, flat % ip);
+    let [d, h, w] = p.input;
+    let (z, y, x) = (off / (h * w), off / w % h, off % w);
+    // Only the real spatial dims matter; unit leading dims contribute nothing.
+    let _ = d;
+    (plane * ip + y + x * h + z * h * w) as i64
+}
+
+// ---------------------------------------------------------------------------------------------
+// AveragePool, LpPool
+// ---------------------------------------------------------------------------------------------
+
+fn average_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let (p, shape, _) = setup(ctx, x, true)?;
+    let include_pad = ctx.attr_i("count_include_pad", 0) != 0;
+    let y = with_real!(x.dtype(), R, {
+        let xv = real_vec::<R>(x)?;
+        let y = reduce_planes(&p, &xv, |win, cnt| {
+            let (mut s, mut n) = (R::ZERO, 0usize);
+            for v in win {
+                s += v;
+                n += 1;
+            }
+            let div = if include_pad { cnt } else { n };
+            if div == 0 { R::ZERO } else { s / R::from_usize(div) }
+        });
+        real_tensor(x.dtype(), &shape, y)?
+    });
+    Ok(vec![y])
+}
+
+fn lp_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let (p, shape, _) = setup(ctx, x, ctx.opset() >= 18)?;
+    let pw = ctx.attr_i("p", 2) as f64;
+    let y = with_real!(x.dtype(), R, {
+        let xv = real_vec::<R>(x)?;
+        let y = reduce_planes(&p, &xv, |win, _| lp_of::<R>(win, pw));
+        real_tensor(x.dtype(), &shape, y)?
+    });
+    Ok(vec![y])
+}
+
+fn lp_of<R: Real>(win: &mut dyn Iterator<Item = R>, p: f64) -> R {
+    if p == 2.0 {
+        win.map(|v| v * v).sum::<R>().sqrt()
+    } else if p == 1.0 {
+        win.map(|v| v.abs()).sum::<R>()
+    } else {
+        let e = R::from_f64(p);
+        win.map(|v| v.abs().powf(e)).sum::<R>().powf(R::from_f64(1.0 / p))
+    }
+}
+
+/// Apply `f(window values, padded count)` to every window of every plane.
+fn reduce_planes<R: Real>(p: &Pool3, x: &[R], f: impl Fn(&mut dyn Iterator<Item = R>, usize) -> R + Sync) -> Vec<R> {
+    let (ip, op) = (p.in_plane(), p.out_plane());
+    let mut y = vec![R::ZERO; p.planes * op];
+    if op == 0 {
+        return y;
+    }
+    y.par_chunks_mut(op).enumerate().for_each(|(pi, yp)| {
+        let xp = &x[pi * ip..(pi + 1) * ip];
+        p.for_each_window(|o, win, cnt| {
+            let mut vals = win.map(|off| xp[off]);
+            yp[o] = f(&mut vals, cnt);
+        });
+    });
+    y
+}
+
+// ---------------------------------------------------------------------------------------------
+// Global pools
+// ---------------------------------------------------------------------------------------------
+
+fn global_shape(x: &Tensor) -> Result<Vec<usize>> {
+    if x.rank() < 2 {
+        return Err(Error::Shape(format!("global pooling needs N x C x ..., got {:?}", x.shape())));
+    }
+    let mut s = x.shape()[..2].to_vec();
+    s.extend(std::iter::repeat_n(1, x.rank() - 2));
+    Ok(s)
+}
+
+fn global<R: Real>(x: &Tensor, f: impl Fn(&[R]) -> R + Sync) -> Result<Tensor> {
+    let shape = global_shape(x)?;
+    let planes = shape[0] * shape[1];
+    let xv = real_vec::<R>(x)?;
+    let s = if planes == 0 { 0 } else { xv.len() / planes };
+    let y: Vec<R> = (0..planes).into_par_iter().map(|p| f(&xv[p * s..(p + 1) * s])).collect();
+    real_tensor(x.dtype(), &shape, y)
+}
+
+fn global_average_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let y = with_real!(x.dtype(), R, {
+        global::<R>(x, |v| v.iter().copied().sum::<R>() / R::from_usize(v.len().max(1)))?
+    });
+    Ok(vec![y])
+}
+
+fn global_max_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let y = with_real!(x.dtype(), R, {
+        global::<R>(x, |v| v.iter().copied().fold(-R::INFINITY, |a, b| a.max_nan(b)))?
+    });
+    Ok(vec![y])
+}
+
+fn global_lp_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let p = ctx.attr_i("p", 2) as f64;
+    let y = with_real!(x.dtype(), R, { global::<R>(x, |v| lp_of::<R>(&mut v.iter().copied(), p))? });
+    Ok(vec![y])
+}
+
+// ---------------------------------------------------------------------------------------------
+// MaxUnpool, MaxRoiPool
+// ---------------------------------------------------------------------------------------------
+
+fn max_unpool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let ind = ctx.input(inputs, 1)?.to_i64_vec()?;
+    let k = kernel_shape(ctx, x)?;
+    let nd = k.len();
+    let strides = ctx.attr_ints("strides").unwrap_or_else(|| vec![1; nd]);
+    let pads = ctx.attr_ints("pads").unwrap_or_else(|| vec![0; 2 * nd]);
+    if strides.len() != nd || pads.len() != 2 * nd {
+        return Err(Error::Shape("MaxUnpool: strides/pads do not match kernel_shape".into()));
+    }
+    let shape: Vec<usize> = match ctx.opt_input(inputs, 2) {
+        Some(s) => s.to_i64_vec()?.into_iter().map(|d| d.max(0) as usize).collect(),
+        None => {
+            let mut s = x.shape()[..2].to_vec();
+            for i in 0..nd {
+                let v = (x.shape()[i + 2] as i64 - 1) * strides[i] - pads[i] - pads[i + nd] + k[i] as i64;
+                s.push(v.max(0) as usize);
+            }
+            s
+        }
+    };
+    if ind.len() != x.len() {
+        return Err(Error::Shape("MaxUnpool: indices and X differ in size".into()));
+    }
+    let total: usize = shape.iter().product();
+    crate::with_numeric!(x.dtype(), T, {
+        let xv = x.view::<T>()?;
+        let mut y = vec![T::default(); total];
+        for (&i, &v) in ind.iter().zip(xv) {
+            let i = usize::try_from(i).ok().filter(|&i| i < total).ok_or_else(|| {
+                Error::Shape(format!("MaxUnpool: index {i} outside an output of {total} elements"))
+            })?;
+            y[i] = v;
+        }
+        Ok(vec![Tensor::from_slice_as(x.dtype(), &shape, &y)?])
+    })
+}
+
+fn max_roi_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let rois_t = ctx.input(inputs, 1)?;
+    if x.rank() != 4 || rois_t.rank() != 2 || rois_t.shape()[1] != 5 {
+        return Err(Error::Shape("MaxRoiPool needs X of rank 4 and rois of shape [R, 5]".into()));
+    }
+    let ps = ctx.attr_ints("pooled_shape").ok_or_else(|| Error::Other("pooled_shape is required".into()))?;
+    if ps.len() != 2 || ps.iter().any(|&v| v <= 0) {
+        return Err(Error::Shape(format!("bad pooled_shape {ps:?}")));
+    }
+    let (ph, pw) = (ps[0] as usize, ps[1] as usize);
+    let scale = ctx.attr_f("spatial_scale", 1.0) as f64;
+    let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let rois = rois_t.to_f64_vec()?;
+    let nr = rois_t.shape()[0];
+    let y = with_real!(x.dtype(), R, {
+        let xv = real_vec::<R>(x)?;
+        let mut y = vec![R::ZERO; nr * c * ph * pw];
+        for r in 0..nr {
+            let roi = &rois[r * 5..r * 5 + 5];
+            let b = roi[0] as usize;
+            if b >= n {
+                return Err(Error::Shape(format!("MaxRoiPool: batch index {b} out of range")));
+            }
+            let q = |v: f64| (v * scale).round() as i64;
+            let (x1, y1, x2, y2) = (q(roi[1]), q(roi[2]), q(roi[3]), q(roi[4]));
+            let rh = (y2 - y1 + 1).max(1) as f64;
+            let rw = (x2 - x1 + 1).max(1) as f64;
+            let (bh, bw) = (rh / ph as f64, rw / pw as f64);
+            for ch in 0..c {
+                let plane = &xv[(b * c + ch) * h * w..(b * c + ch + 1) * h * w];
+                for i in 0..ph {
+                    let hs = ((i as f64 * bh).floor() as i64 + y1).clamp(0, h as i64) as usize;
+                    let he = (((i + 1) as f64 * bh).ceil() as i64 + y1).clamp(0, h as i64) as usize;
+                    for j in 0..pw {
+                        let ws = ((j as f64 * bw).floor() as i64 + x1).clamp(0, w as i64) as usize;
+                        let we = (((j + 1) as f64 * bw).ceil() as i64 + x1).clamp(0, w as i64) as usize;
+                        let mut m: Option<R> = None;
+                        for yy in hs..he {
+                            for xx in ws..we {
+                                let v = plane[yy * w + xx];
+                                if m.is_none_or(|m| v > m) {
+                                    m = Some(v);
+                                }
+                            }
+                        }
+                        y[((r * c + ch) * ph + i) * pw + j] = m.unwrap_or(R::ZERO);
+                    }
+                }
+            }
+        }
+        real_tensor(x.dtype(), &[nr, c, ph, pw], y)?
+    });
+    Ok(vec![y])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_runtime::manifest::{Attr, AttrKind, Step};
+
+    fn ints(name: &str, v: &[i64]) -> Attr {
+        Attr { name: name.into(), kind: AttrKind::Ints as i32, ints: v.to_vec(), ..Default::default() }
+    }
+
+    fn run(op: &str, attrs: Vec<Attr>, x: Tensor, nout: usize) -> Vec<Tensor> {
+        let step = Step { op: op.into(), opset: 19, outputs: (0..nout as i32).collect(), attrs, ..Default::default() };
+        crate::cpu::eval_step(&step, &[Some(x)]).unwrap()
+    }
+
+    #[test]
+    fn maxpool_with_indices_and_padding() {
+        let x = Tensor::from_vec(&[1, 1, 2, 2], vec![1f32, 4., 3., 2.]).unwrap();
+        let y = run("MaxPool", vec![ints("kernel_shape", &[2, 2]), ints("pads", &[1, 1, 0, 0])], x, 2);
+        assert_eq!(y[0].shape(), &[1, 1, 2, 2]);
+        assert_eq!(y[0].view::<f32>().unwrap(), &[1., 4., 3., 4.]);
+        assert_eq!(y[1].view::<i64>().unwrap(), &[0, 1, 2, 1]);
+    }
+
+    #[test]
+    fn averagepool_count_include_pad() {
+        let x = Tensor::from_vec(&[1, 1, 3], vec![3f32, 6., 9.]).unwrap();
+        let attrs = vec![ints("kernel_shape", &[2]), ints("pads", &[1, 0])];
+        assert_eq!(run("AveragePool", attrs.clone(), x.clone(), 1)[0].view::<f32>().unwrap(), &[3., 4.5, 7.5]);
+        let mut with = attrs;
+        with.push(Attr { name: "count_include_pad".into(), kind: AttrKind::Int as i32, i: 1, ..Default::default() });
+        assert_eq!(run("AveragePool", with, x, 1)[0].view::<f32>().unwrap(), &[1.5, 4.5, 7.5]);
+    }
+
+    #[test]
+    fn global_pools() {
+        let x = Tensor::from_vec(&[1, 2, 2], vec![1f32, 3., -1., -5.]).unwrap();
+        assert_eq!(run("GlobalAveragePool", vec![], x.clone(), 1)[0].view::<f32>().unwrap(), &[2., -3.]);
+        assert_eq!(run("GlobalMaxPool", vec![], x, 1)[0].view::<f32>().unwrap(), &[3., -1.]);
+    }
+}

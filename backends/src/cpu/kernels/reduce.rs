@@ -788,3 +788,106 @@ fn cumsum(c: &OpCtx, i: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 fn cumprod(c: &OpCtx, i: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     scan_op(c, i, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_runtime::manifest::{Attr, Step};
+
+    fn step(op: &str, opset: i64, ints: &[(&str, i64)]) -> Step {
+        // "axes" is an ints attribute; the tests only ever pass one axis.
+        let attrs = ints
+            .iter()
+            .map(|(n, v)| match *n {
+                "axes" => Attr { name: n.to_string(), ints: vec![*v], ..Default::default() },
+                _ => Attr { name: n.to_string(), i: *v, ..Default::default() },
+            })
+            .collect();
+        Step { op: op.into(), opset, attrs, ..Default::default() }
+    }
+
+    fn run(op: &str, opset: i64, ints: &[(&str, i64)], inputs: Vec<Option<Tensor>>) -> Tensor {
+        let s = step(op, opset, ints);
+        let k = match crate::cpu::registry().get("", op) {
+            Some(crate::cpu::Kernel::Tensor(k)) => k,
+            _ => panic!("no kernel"),
+        };
+        k(&OpCtx::new(&s, None), &inputs).unwrap().remove(0)
+    }
+
+    fn t32(shape: &[usize], v: &[f32]) -> Option<Tensor> {
+        Some(Tensor::from_vec(shape, v.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn sum_middle_axis_and_keepdims() {
+        let x = t32(&[2, 2, 2], &[1., 2., 3., 4., 5., 6., 7., 8.]);
+        let axes = Some(Tensor::from_vec(&[1], vec![1i64]).unwrap());
+        let y = run("ReduceSum", 13, &[("keepdims", 1)], vec![x.clone(), axes.clone()]);
+        assert_eq!(y.shape(), &[2, 1, 2]);
+        assert_eq!(y.view::<f32>().unwrap(), &[4., 6., 12., 14.]);
+        let y = run("ReduceMean", 18, &[("keepdims", 0)], vec![x, axes]);
+        assert_eq!(y.shape(), &[2, 2]);
+        assert_eq!(y.view::<f32>().unwrap(), &[2., 3., 6., 7.]);
+    }
+
+    #[test]
+    fn last_axis_and_all_axes() {
+        let x = t32(&[2, 3], &[1., -2., 3., 4., 5., -6.]);
+        let y = run("ReduceL1", 18, &[], vec![x.clone(), Some(Tensor::from_vec(&[1], vec![-1i64]).unwrap())]);
+        assert_eq!(y.view::<f32>().unwrap(), &[6., 15.]);
+        let y = run("ReduceMax", 13, &[("keepdims", 0)], vec![x.clone()]);
+        assert_eq!(y.shape(), &[] as &[usize]);
+        assert_eq!(y.view::<f32>().unwrap(), &[5.]);
+        let y = run("ReduceSumSquare", 18, &[("noop_with_empty_axes", 1)], vec![x]);
+        assert_eq!(y.view::<f32>().unwrap(), &[1., 4., 9., 16., 25., 36.]);
+    }
+
+    #[test]
+    fn log_sum_exp_is_stable() {
+        let x = t32(&[2], &[1000., 1000.]);
+        let y = run("ReduceLogSumExp", 13, &[], vec![x]);
+        assert!((y.view::<f32>().unwrap()[0] - (1000. + 2f32.ln())).abs() < 1e-3);
+    }
+
+    #[test]
+    fn empty_set_identities() {
+        let x = Some(Tensor::zeros(DType::F32, &[2, 0]));
+        let ax = Some(Tensor::from_vec(&[1], vec![1i64]).unwrap());
+        let y = run("ReduceMin", 18, &[], vec![x.clone(), ax.clone()]);
+        assert_eq!(y.view::<f32>().unwrap(), &[f32::INFINITY; 2]);
+        let y = run("ReduceProd", 18, &[], vec![x, ax]);
+        assert_eq!(y.view::<f32>().unwrap(), &[1.; 2]);
+    }
+
+    #[test]
+    fn int_reductions() {
+        let x = Some(Tensor::from_vec(&[2, 2], vec![3i32, -7, 2, 5]).unwrap());
+        let y = run("ReduceProd", 13, &[("keepdims", 0)], vec![x.clone()]);
+        assert_eq!(y.view::<i32>().unwrap(), &[-210]);
+        let y = run("ReduceMin", 13, &[("axes", 0)], vec![x]);
+        assert_eq!(y.view::<i32>().unwrap(), &[2, -7]);
+    }
+
+    #[test]
+    fn argmax_ties_and_last_index() {
+        let x = t32(&[2, 3], &[1., 3., 3., 2., 2., 0.]);
+        let y = run("ArgMax", 13, &[("axis", 1)], vec![x.clone()]);
+        assert_eq!(y.shape(), &[2, 1]);
+        assert_eq!(y.view::<i64>().unwrap(), &[1, 0]);
+        let y = run("ArgMax", 13, &[("axis", 1), ("select_last_index", 1), ("keepdims", 0)], vec![x.clone()]);
+        assert_eq!(y.view::<i64>().unwrap(), &[2, 1]);
+        let y = run("ArgMin", 13, &[("axis", 0)], vec![x]);
+        assert_eq!(y.view::<i64>().unwrap(), &[0, 1, 1]);
+    }
+
+    #[test]
+    fn cumsum_exclusive_reverse() {
+        let x = t32(&[4], &[1., 2., 3., 4.]);
+        let ax = Some(Tensor::scalar(0i64));
+        let y = run("CumSum", 14, &[("exclusive", 1), ("reverse", 1)], vec![x.clone(), ax.clone()]);
+        assert_eq!(y.view::<f32>().unwrap(), &[9., 7., 4., 0.]);
+        let y = run("CumProd", 26, &[], vec![x, ax]);
+        assert_eq!(y.view::<f32>().unwrap(), &[1., 2., 6., 24.]);
+    }
+}

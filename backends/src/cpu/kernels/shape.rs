@@ -579,7 +579,7 @@ fn squeeze(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let x = ctx.input(inputs, 0)?;
     let axes = ints_input_or_attr(ctx, inputs, 1, "axes")?;
     let shape = x.shape();
-    let out: Vec<usize> = match axes {
+    let out: Vec<usize> = match axes.filter(|a| !a.is_empty()) {
         None => shape.iter().copied().filter(|&d| d != 1).collect(),
         Some(axes) => {
             let axes = norm_axes(&axes, shape.len())?;
@@ -698,7 +698,7 @@ fn eye_like(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
             for i in 0..rows {
                 let j = i as i64 + k;
                 if j >= 0 && (j as usize) < cols {
-                    d[i * cols + j as usize] = one;
+                    d[i * cols + j as usize] = one.clone();
                 }
             }
             Ok(())
@@ -762,6 +762,9 @@ fn tile(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 fn concat(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let parts: Vec<&Tensor> = inputs.iter().flatten().collect();
     let first = *parts.first().ok_or_else(|| Error::Other("Concat needs inputs".into()))?;
+    if parts.len() == 1 {
+        return Ok(vec![first.clone()]);
+    }
     let r = first.rank();
     let axis = norm_axis(ctx.attr_i("axis", 0), r)?;
     let mut out_shape = first.shape().to_vec();
@@ -1031,6 +1034,13 @@ fn col2im(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     oshape.extend(&image);
     let img: usize = image.iter().product();
     let ist = strides(&image);
+    // Top-left image coordinate of each sliding block, per spatial dim.
+    let nb: Vec<usize> = nblocks.iter().map(|&b| b as usize).collect();
+    let mut origins: Vec<i64> = Vec::with_capacity(l * nd);
+    for li in 0..l {
+        let idx = unravel(li, &nb);
+        origins.extend((0..nd).map(|d| idx[d] as i64 * strd[d] - pads[d]));
+    }
     let out = crate::with_numeric!(x.dtype(), T, {
         let src = x.view::<T>()?;
         let mut acc = vec![T::default(); n * c * img];
@@ -1040,13 +1050,17 @@ fn col2im(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
                 let kidx = unravel(k, &block);
                 let col = &src[((bn * ck) + cc * kprod + k) * l..][..l];
                 for (li, &v) in col.iter().enumerate() {
-                    let lidx = unravel(li, &nblocks.iter().map(|&b| b as usize).collect::<Vec<_>>());
+                    let org = &origins[li * nd..][..nd];
                     let mut off = 0usize;
-                    let inside = (0..nd).all(|d| {
-                        let p = lidx[d] as i64 * strd[d] - pads[d] + kidx[d] as i64 * dil[d];
-                        off += p.max(0) as usize * ist[d];
-                        p >= 0 && p < image[d] as i64
-                    });
+                    let mut inside = true;
+                    for d in 0..nd {
+                        let p = org[d] + kidx[d] as i64 * dil[d];
+                        if p < 0 || p >= image[d] as i64 {
+                            inside = false;
+                            break;
+                        }
+                        off += p as usize * ist[d];
+                    }
                     if inside {
                         dst[off] = dst[off].add(v);
                     }
@@ -1150,7 +1164,7 @@ mod tests {
         assert_eq!(y.view::<f32>().unwrap(), &[0., 2., 4., 6., 1., 3., 5., 7.]);
         let z = run(space_to_depth, &step("SpaceToDepth", 13, vec![ai("blocksize", 2)]), vec![Some(y)]).remove(0);
         assert_eq!(z.shape(), &[1, 8, 1, 1]);
-        assert_eq!(z.view::<f32>().unwrap(), &[0., 4., 2., 6., 1., 5., 3., 7.]);
+        assert_eq!(z.view::<f32>().unwrap(), &[0., 1., 2., 3., 4., 5., 6., 7.]);
         let _ = astr("mode", "CRD");
     }
 
@@ -1164,5 +1178,25 @@ mod tests {
         assert_eq!(y.view::<i64>().unwrap(), &[3, 4]);
         let y = run(center_crop_pad, &step("CenterCropPad", 18, vec![]), vec![Some(f32s(&[3, 2])), i64s(&[1, 4])]).remove(0);
         assert_eq!(y.view::<f32>().unwrap(), &[0., 2., 3., 0.]);
+    }
+
+    #[test]
+    fn movers_cover_every_dtype() {
+        for dt in DType::ALL {
+            if dt == DType::String {
+                continue;
+            }
+            let sz = dt.size();
+            // Element e has every byte equal to e (bool: e % 2), so moves are visible bytewise.
+            let code = |e: usize| if dt == DType::Bool { (e % 2) as u8 } else { e as u8 };
+            let bytes: Vec<u8> = (0..6).flat_map(|e| vec![code(e); sz]).collect();
+            let x = Tensor::from_bytes(dt, &[2, 3], &bytes).unwrap();
+            let y = run(transpose, &step("Transpose", 13, vec![]), vec![Some(x.clone())]).remove(0);
+            let want: Vec<u8> = [0, 3, 1, 4, 2, 5].iter().flat_map(|&e| vec![code(e); sz]).collect();
+            assert_eq!((y.dtype(), y.shape(), y.bytes()), (dt, &[3usize, 2][..], &want[..]), "{dt}");
+            let y = run(concat, &step("Concat", 13, vec![ai("axis", 1)]), vec![Some(x.clone()), Some(x)]).remove(0);
+            let want: Vec<u8> = [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5].iter().flat_map(|&e| vec![code(e); sz]).collect();
+            assert_eq!(y.bytes(), &want[..], "{dt}");
+        }
     }
 }
