@@ -18,12 +18,36 @@ pub fn dump(model: &Model) -> String {
         .iter()
         .map(|(d, v)| format!("{}={v}", if d.is_empty() { "ai.onnx" } else { d }))
         .collect();
-    let _ = writeln!(out, "graph {} (opsets {})", name_or(&model.graph.name, "main"), opsets.join(", "));
+    let _ = writeln!(
+        out,
+        "graph {} (opsets {})",
+        name_or(&model.graph.name, "main"),
+        opsets.join(", ")
+    );
     if !model.producer.is_empty() || model.ir_version != 0 {
-        let _ = writeln!(out, "  # producer '{}', ir_version {}", model.producer, model.ir_version);
+        let _ = writeln!(
+            out,
+            "  # producer '{}', ir_version {}",
+            model.producer, model.ir_version
+        );
     }
-    graph_body(&mut out, &model.graph, 1);
+    graph_body(&mut out, &model.graph, &model.opsets, 1);
     out
+}
+
+/// The opset the model imports for `domain` ("" and "ai.onnx" being the same).
+fn model_opset(opsets: &[(String, i64)], domain: &str) -> Option<i64> {
+    let norm = |d: &str| {
+        if d == "ai.onnx" {
+            String::new()
+        } else {
+            d.to_string()
+        }
+    };
+    opsets
+        .iter()
+        .find(|(d, _)| norm(d) == norm(domain))
+        .map(|(_, v)| *v)
 }
 
 fn name_or<'a>(name: &'a str, default: &'a str) -> &'a str {
@@ -55,7 +79,9 @@ fn typed(g: &Graph, v: ValueId) -> String {
     }
 }
 
-fn graph_body(out: &mut String, g: &Graph, depth: usize) {
+type Opsets = [(String, i64)];
+
+fn graph_body(out: &mut String, g: &Graph, opsets: &Opsets, depth: usize) {
     for &v in &g.captures {
         indent(out, depth);
         let _ = writeln!(out, "capture {}", typed(g, v));
@@ -71,7 +97,7 @@ fn graph_body(out: &mut String, g: &Graph, depth: usize) {
         }
     }
     for n in &g.nodes {
-        node(out, g, n, depth);
+        node(out, g, n, opsets, depth);
     }
     for &v in &g.outputs {
         indent(out, depth);
@@ -79,11 +105,18 @@ fn graph_body(out: &mut String, g: &Graph, depth: usize) {
     }
 }
 
-fn node(out: &mut String, g: &Graph, n: &Node, depth: usize) {
+fn node(out: &mut String, g: &Graph, n: &Node, opsets: &Opsets, depth: usize) {
     indent(out, depth);
-    let outs: Vec<String> =
-        n.outputs.iter().map(|o| o.map_or_else(|| "_".to_string(), |v| typed(g, v))).collect();
-    let ins: Vec<String> = n.inputs.iter().map(|i| i.map_or_else(|| "_".to_string(), |v| vname(g, v))).collect();
+    let outs: Vec<String> = n
+        .outputs
+        .iter()
+        .map(|o| o.map_or_else(|| "_".to_string(), |v| typed(g, v)))
+        .collect();
+    let ins: Vec<String> = n
+        .inputs
+        .iter()
+        .map(|i| i.map_or_else(|| "_".to_string(), |v| vname(g, v)))
+        .collect();
     let op = match n.domain.as_str() {
         "" | "ai.onnx" => n.op.clone(),
         d => format!("{d}.{}", n.op),
@@ -91,6 +124,10 @@ fn node(out: &mut String, g: &Graph, n: &Node, depth: usize) {
     let _ = write!(out, "{} = {op}({})", outs.join(", "), ins.join(", "));
     if !n.name.is_empty() {
         let _ = write!(out, "  # {}", n.name);
+    }
+    // Nodes normally follow the model's opset; say so when one does not.
+    if model_opset(opsets, &n.domain) != Some(n.opset) {
+        let _ = write!(out, "  (opset {})", n.opset);
     }
     out.push('\n');
     let plain: Vec<String> = n
@@ -111,9 +148,13 @@ fn node(out: &mut String, g: &Graph, n: &Node, depth: usize) {
         };
         for (i, sg) in graphs.iter().enumerate() {
             indent(out, depth + 1);
-            let label = if graphs.len() > 1 { format!("{}[{i}]", a.name) } else { a.name.clone() };
+            let label = if graphs.len() > 1 {
+                format!("{}[{i}]", a.name)
+            } else {
+                a.name.clone()
+            };
             let _ = writeln!(out, "{label}: graph {} {{", name_or(&sg.name, "_"));
-            graph_body(out, sg, depth + 2);
+            graph_body(out, sg, opsets, depth + 2);
             indent(out, depth + 1);
             out.push_str("}\n");
         }
@@ -137,7 +178,9 @@ fn attr_value(v: &AttrValue) -> String {
         AttrValue::Floats(v) => list(v, |f| format!("{f:?}")),
         AttrValue::Ints(v) => list(v, |i| i.to_string()),
         AttrValue::Strings(v) => list(v, |s| bytes_str(s)),
-        AttrValue::Tensors(v) => list(v, |t| format!("tensor {}{}", tensor_type(t), tensor_summary(t))),
+        AttrValue::Tensors(v) => list(v, |t| {
+            format!("tensor {}{}", tensor_type(t), tensor_summary(t))
+        }),
         AttrValue::Type(t) => format!("type {t}"),
         AttrValue::Graph(_) | AttrValue::Graphs(_) => "<graph>".to_string(),
     }
@@ -165,12 +208,31 @@ fn tensor_values(t: &Tensor) -> Option<Vec<String>> {
     let d = t.dtype();
     Some(match d {
         DType::String => t.strings().ok()?.iter().map(|s| format!("{s:?}")).collect(),
-        DType::Bool => t.view::<bool>().ok()?.iter().map(|b| b.to_string()).collect(),
-        DType::F32 => t.view::<f32>().ok()?.iter().map(|f| format!("{f:?}")).collect(),
-        DType::F64 | DType::F16 | DType::BF16 => t.to_f64_vec().ok()?.iter().map(|f| format!("{f:?}")).collect(),
-        DType::U64 => t.view::<u64>().ok()?.iter().map(|v| v.to_string()).collect(),
+        DType::Bool => t
+            .view::<bool>()
+            .ok()?
+            .iter()
+            .map(|b| b.to_string())
+            .collect(),
+        DType::F32 => t
+            .view::<f32>()
+            .ok()?
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .collect(),
+        DType::F64 | DType::F16 | DType::BF16 => t
+            .to_f64_vec()
+            .ok()?
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .collect(),
+        DType::U64 => t
+            .view::<u64>()
+            .ok()?
+            .iter()
+            .map(|v| v.to_string())
+            .collect(),
         d if d.is_int() => t.to_i64_vec().ok()?.iter().map(|v| v.to_string()).collect(),
         _ => return None,
     })
 }
-

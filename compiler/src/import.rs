@@ -18,7 +18,7 @@ use kiln_runtime::{Error, Result, Tensor};
 use crate::ir::{AttrValue, Attribute, Dim, Graph, Model, Node, Type, ValueId};
 use crate::onnx::load::{read_model, ExternalStore};
 use crate::onnx::proto::{
-    type_proto, tensor_shape_proto::DimValue, AttributeProto, AttributeType, FunctionProto,
+    tensor_shape_proto::DimValue, type_proto, AttributeProto, AttributeType, FunctionProto,
     GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TypeProto,
 };
 use crate::onnx::tensor::{dtype_of, shape_of, sparse_to_tensor, to_tensor};
@@ -102,7 +102,11 @@ type Opsets = HashMap<String, i64>;
 
 /// "" and "ai.onnx" name the same domain.
 fn norm_domain(d: &str) -> &str {
-    if d == "ai.onnx" { "" } else { d }
+    if d == "ai.onnx" {
+        ""
+    } else {
+        d
+    }
 }
 
 fn opset_map(imports: &[OperatorSetIdProto]) -> Opsets {
@@ -222,7 +226,9 @@ impl<'m> Importer<'m> {
         }
         let inlined = self.inlined.get() + f.node.len();
         if inlined > MAX_INLINED_NODES {
-            return Err(invalid(format!("inlining functions produces over {MAX_INLINED_NODES} nodes")));
+            return Err(invalid(format!(
+                "inlining functions produces over {MAX_INLINED_NODES} nodes"
+            )));
         }
         self.inlined.set(inlined);
         if call.inputs.len() > f.input.len() || call.outputs.len() > f.output.len() {
@@ -275,14 +281,23 @@ impl<'m> Importer<'m> {
                     attrs.push(Cow::Owned(a));
                 }
             }
-            let inner = if n.name.is_empty() { format!("{}_{k}", n.op_type) } else { n.name.clone() };
+            let inner =
+                if n.name.is_empty() { format!("{}_{k}", n.op_type) } else { n.name.clone() };
             let body_call = Call {
                 name: format!("{prefix}/{inner}"),
                 op: n.op_type.clone(),
                 domain: norm_domain(&n.domain).to_string(),
                 overload: n.overload.clone(),
-                inputs: n.input.iter().map(|s| if s.is_empty() { s.clone() } else { rename(s) }).collect(),
-                outputs: n.output.iter().map(|s| if s.is_empty() { s.clone() } else { rename(s) }).collect(),
+                inputs: n
+                    .input
+                    .iter()
+                    .map(|s| if s.is_empty() { s.clone() } else { rename(s) })
+                    .collect(),
+                outputs: n
+                    .output
+                    .iter()
+                    .map(|s| if s.is_empty() { s.clone() } else { rename(s) })
+                    .collect(),
                 attrs,
             };
             self.expand(body_call, &fn_opsets, depth + 1, out)?;
@@ -337,7 +352,10 @@ impl<'m> Importer<'m> {
         }
         let scope = Scope { names: local, parent: outer };
 
-        let mut b = Builder { g: Graph { name: g.name.clone(), ..Graph::default() }, by_name: HashMap::new() };
+        let mut b = Builder {
+            g: Graph { name: g.name.clone(), ..Graph::default() },
+            by_name: HashMap::new(),
+        };
 
         // Constants: initializers (an input of the same name is only a default: kiln fixes it).
         for t in &g.initializer {
@@ -350,7 +368,9 @@ impl<'m> Importer<'m> {
         for s in &g.sparse_initializer {
             let name = s.values.as_ref().map(|v| v.name.clone()).unwrap_or_default();
             if name.is_empty() {
-                return Err(invalid(format!("graph '{gname}' has a sparse initializer without a name")));
+                return Err(invalid(format!(
+                    "graph '{gname}' has a sparse initializer without a name"
+                )));
             }
             let tensor = sparse_to_tensor(s, &self.ext)?;
             b.define_const(&name, tensor, gname)?;
@@ -361,7 +381,9 @@ impl<'m> Importer<'m> {
             }
             if b.by_name.contains_key(&vi.name) {
                 if g.initializer.iter().any(|t| t.name == vi.name)
-                    || g.sparse_initializer.iter().any(|s| s.values.as_ref().is_some_and(|v| v.name == vi.name))
+                    || g.sparse_initializer
+                        .iter()
+                        .any(|s| s.values.as_ref().is_some_and(|v| v.name == vi.name))
                 {
                     continue;
                 }
@@ -380,7 +402,12 @@ impl<'m> Importer<'m> {
                 let t = self.constant(n)?;
                 let out = match n.outputs.as_slice() {
                     [o] if !o.is_empty() => o,
-                    _ => return Err(invalid(format!("Constant node '{}' must have one output", n.name))),
+                    _ => {
+                        return Err(invalid(format!(
+                            "Constant node '{}' must have one output",
+                            n.name
+                        )))
+                    }
                 };
                 b.define_const(out, t, gname).map_err(|_| duplicate(out, n))?;
                 continue;
@@ -443,9 +470,9 @@ impl<'m> Importer<'m> {
             .collect();
         let mut attrs = Vec::with_capacity(n.attrs.len());
         for a in &n.attrs {
-            let value = self
-                .attr_value(a, scope, &n.opsets)
-                .map_err(|e| with_context(e, &format!("node '{}' ({}) attribute '{}'", n.name, n.op, a.name)))?;
+            let value = self.attr_value(a, scope, &n.opsets).map_err(|e| {
+                with_context(e, &format!("node '{}' ({}) attribute '{}'", n.name, n.op, a.name))
+            })?;
             if let AttrValue::Graph(g) = &value {
                 b.capture_for(g, scope)?;
             }
@@ -456,14 +483,27 @@ impl<'m> Importer<'m> {
             }
             attrs.push(Attribute { name: a.name.clone(), value });
         }
-        Ok(Node { name: n.name.clone(), op: n.op.clone(), domain: n.domain.clone(), opset, inputs, outputs, attrs })
+        Ok(Node {
+            name: n.name.clone(),
+            op: n.op.clone(),
+            domain: n.domain.clone(),
+            opset,
+            inputs,
+            outputs,
+            attrs,
+        })
     }
 
     fn subgraph(&self, g: &GraphProto, scope: &Scope, opsets: &Rc<Opsets>) -> Result<Graph> {
         self.graph(g, Some(scope), opsets)
     }
 
-    fn attr_value(&self, a: &AttributeProto, scope: &Scope, opsets: &Rc<Opsets>) -> Result<AttrValue> {
+    fn attr_value(
+        &self,
+        a: &AttributeProto,
+        scope: &Scope,
+        opsets: &Rc<Opsets>,
+    ) -> Result<AttrValue> {
         if !a.ref_attr_name.is_empty() {
             return Err(invalid(format!(
                 "refers to function attribute '{}' outside a function",
@@ -475,11 +515,13 @@ impl<'m> Importer<'m> {
             AttributeType::Float => AttrValue::Float(a.f.unwrap_or_default()),
             AttributeType::Int => AttrValue::Int(a.i.unwrap_or_default()),
             AttributeType::String => AttrValue::String(a.s.clone().unwrap_or_default()),
-            AttributeType::Tensor => {
-                AttrValue::Tensor(tensor(a.t.as_ref().ok_or_else(|| invalid("TENSOR without a tensor"))?)?)
-            }
+            AttributeType::Tensor => AttrValue::Tensor(tensor(
+                a.t.as_ref().ok_or_else(|| invalid("TENSOR without a tensor"))?,
+            )?),
             AttributeType::SparseTensor => AttrValue::Tensor(sparse_to_tensor(
-                a.sparse_tensor.as_ref().ok_or_else(|| invalid("SPARSE_TENSOR without a tensor"))?,
+                a.sparse_tensor
+                    .as_ref()
+                    .ok_or_else(|| invalid("SPARSE_TENSOR without a tensor"))?,
                 &self.ext,
             )?),
             AttributeType::Graph => AttrValue::Graph(Box::new(self.subgraph(
@@ -498,7 +540,10 @@ impl<'m> Importer<'m> {
                 AttrValue::Tensors(a.tensors.iter().map(tensor).collect::<Result<_>>()?)
             }
             AttributeType::SparseTensors => AttrValue::Tensors(
-                a.sparse_tensors.iter().map(|s| sparse_to_tensor(s, &self.ext)).collect::<Result<_>>()?,
+                a.sparse_tensors
+                    .iter()
+                    .map(|s| sparse_to_tensor(s, &self.ext))
+                    .collect::<Result<_>>()?,
             ),
             AttributeType::Graphs => AttrValue::Graphs(
                 a.graphs.iter().map(|g| self.subgraph(g, scope, opsets)).collect::<Result<_>>()?,
@@ -530,9 +575,13 @@ impl<'m> Importer<'m> {
                 &self.ext,
             ),
             ("value_float", AttributeType::Float) => Ok(Tensor::scalar(a.f.unwrap_or_default())),
-            ("value_floats", AttributeType::Floats) => Tensor::from_vec(&[a.floats.len()], a.floats.clone()),
+            ("value_floats", AttributeType::Floats) => {
+                Tensor::from_vec(&[a.floats.len()], a.floats.clone())
+            }
             ("value_int", AttributeType::Int) => Ok(Tensor::scalar(a.i.unwrap_or_default())),
-            ("value_ints", AttributeType::Ints) => Tensor::from_vec(&[a.ints.len()], a.ints.clone()),
+            ("value_ints", AttributeType::Ints) => {
+                Tensor::from_vec(&[a.ints.len()], a.ints.clone())
+            }
             ("value_string", AttributeType::String) => Tensor::from_strings(
                 &[],
                 vec![String::from_utf8_lossy(a.s.as_deref().unwrap_or_default()).into_owned()],
@@ -644,7 +693,9 @@ fn rename_graph(
     let mut shadow = shadow.clone();
     shadow.extend(g.input.iter().map(|v| v.name.clone()));
     shadow.extend(g.initializer.iter().map(|t| t.name.clone()));
-    shadow.extend(g.sparse_initializer.iter().filter_map(|s| s.values.as_ref().map(|v| v.name.clone())));
+    shadow.extend(
+        g.sparse_initializer.iter().filter_map(|s| s.values.as_ref().map(|v| v.name.clone())),
+    );
     shadow.extend(g.node.iter().flat_map(|n| n.output.iter().cloned()));
     let rename = |s: &mut String| {
         if !shadow.contains(s.as_str()) {
@@ -699,7 +750,9 @@ fn convert_type(tp: &TypeProto, what: &str) -> Result<Type> {
         Some(V::SequenceType(s)) => Type::Sequence(Box::new(elem(&s.elem_type)?)),
         Some(V::OptionalType(o)) => Type::Optional(Box::new(elem(&o.elem_type)?)),
         Some(V::MapType(_)) => {
-            return Err(Error::Other(format!("value '{what}' has a map type, which kiln does not support")))
+            return Err(Error::Other(format!(
+                "value '{what}' has a map type, which kiln does not support"
+            )))
         }
         Some(V::SparseTensorType(_)) => {
             return Err(Error::Other(format!(
@@ -772,7 +825,8 @@ fn toposort(nodes: Vec<Node>, g: &Graph, gname: &str) -> Result<Vec<Node>> {
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     let mut pending = vec![0usize; nodes.len()];
     for (i, n) in nodes.iter().enumerate() {
-        let mut deps: HashSet<usize> = n.inputs.iter().flatten().filter_map(|v| producer.get(v).copied()).collect();
+        let mut deps: HashSet<usize> =
+            n.inputs.iter().flatten().filter_map(|v| producer.get(v).copied()).collect();
         for sub in n.subgraphs() {
             for name in sub.captured_names() {
                 if let Some(p) = by_name.get(name.as_str()).and_then(|v| producer.get(v)) {
@@ -802,8 +856,11 @@ fn toposort(nodes: Vec<Node>, g: &Graph, gname: &str) -> Result<Vec<Node>> {
     }
     if order.len() < nodes.len() {
         let stuck: Vec<usize> = (0..nodes.len()).filter(|&i| pending[i] > 0).collect();
-        let shown: Vec<String> =
-            stuck.iter().take(5).map(|&i| format!("'{}' ({})", nodes[i].name, nodes[i].op)).collect();
+        let shown: Vec<String> = stuck
+            .iter()
+            .take(5)
+            .map(|&i| format!("'{}' ({})", nodes[i].name, nodes[i].op))
+            .collect();
         return Err(invalid(format!(
             "graph '{gname}' has a cycle: {} nodes depend on it, e.g. {}",
             stuck.len(),
@@ -817,8 +874,8 @@ fn toposort(nodes: Vec<Node>, g: &Graph, gname: &str) -> Result<Vec<Node>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::proto::{type_proto, TensorShapeProto, ValueInfoProto};
     use crate::onnx::proto::tensor_shape_proto::Dimension;
+    use crate::onnx::proto::{type_proto, TensorShapeProto, ValueInfoProto};
     use crate::onnx::tensor::from_tensor;
     use kiln_runtime::DType;
     use prost::Message;
@@ -873,7 +930,10 @@ mod tests {
         };
         // The branch is just a Constant, which becomes a constant output.
         assert!(then.nodes.is_empty());
-        assert_eq!(then.konst(then.outputs[0]).unwrap().view::<f32>().unwrap(), &[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(
+            then.konst(then.outputs[0]).unwrap().view::<f32>().unwrap(),
+            &[1.0, 2.0, 3.0, 4.0, 5.0]
+        );
 
         let m = import_model(&node_model("test_loop11").unwrap()).unwrap();
         let body = m.graph.nodes[0].subgraphs().next().unwrap();
@@ -889,7 +949,8 @@ mod tests {
         assert_eq!(m.graph.nodes[0].opset, 9);
 
         // A Loop body reading an outer value: `delta` becomes a capture.
-        let m = import_model(&node_model("test_range_float_type_positive_delta_expanded").unwrap()).unwrap();
+        let m = import_model(&node_model("test_range_float_type_positive_delta_expanded").unwrap())
+            .unwrap();
         let lp = m.graph.nodes.iter().find(|n| n.op == "Loop").unwrap();
         let body = lp.subgraphs().next().unwrap();
         assert_eq!(names(body, &body.captures), ["delta"]);
@@ -904,7 +965,10 @@ mod tests {
         let Some(p) = node_model("test_identity_opt") else { return };
         let m = import_model(&p).unwrap();
         let g = &m.graph;
-        let want = Type::Optional(Box::new(Type::Sequence(Box::new(Type::tensor(DType::F32, vec![Dim::Fixed(5)])))));
+        let want = Type::Optional(Box::new(Type::Sequence(Box::new(Type::tensor(
+            DType::F32,
+            vec![Dim::Fixed(5)],
+        )))));
         assert_eq!(g.values[g.inputs[0]].ty, want);
     }
 
@@ -954,11 +1018,21 @@ mod tests {
     }
 
     fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
-        AttributeProto { name: name.into(), r#type: AttributeType::Graph as i32, g: Some(g), ..Default::default() }
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Graph as i32,
+            g: Some(g),
+            ..Default::default()
+        }
     }
 
     fn attr_f(name: &str, f: f32) -> AttributeProto {
-        AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f: Some(f), ..Default::default() }
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Float as i32,
+            f: Some(f),
+            ..Default::default()
+        }
     }
 
     fn model(graph: GraphProto, opset: i64) -> ModelProto {
@@ -1162,15 +1236,27 @@ mod tests {
         assert_eq!(names(inner, &inner.captures), ["x"]);
         let inner_else = mid.nodes[0].subgraphs().nth(1).unwrap();
         assert_eq!(inner_else.outputs, inner_else.captures, "an output may be a captured value");
-        assert_eq!(mid.nodes[0].inputs, vec![Some(mid.captures[names(mid, &mid.captures).iter().position(|n| n == "c").unwrap()])]);
+        assert_eq!(
+            mid.nodes[0].inputs,
+            vec![Some(
+                mid.captures[names(mid, &mid.captures).iter().position(|n| n == "c").unwrap()]
+            )]
+        );
 
         // A subgraph reading a name nobody defines.
-        let bad_branch = GraphProto { output: vec![untyped("r")], node: vec![node("Relu", &["zzz"], &["r"])], ..Default::default() };
+        let bad_branch = GraphProto {
+            output: vec![untyped("r")],
+            node: vec![node("Relu", &["zzz"], &["r"])],
+            ..Default::default()
+        };
         let main = GraphProto {
             input: vec![vi("c", DType::Bool, &[])],
             output: vec![untyped("o")],
             node: vec![with_attr(
-                with_attr(node("If", &["c"], &["o"]), attr_graph("then_branch", bad_branch.clone())),
+                with_attr(
+                    node("If", &["c"], &["o"]),
+                    attr_graph("then_branch", bad_branch.clone()),
+                ),
                 attr_graph("else_branch", bad_branch),
             )],
             ..Default::default()
@@ -1233,7 +1319,10 @@ mod tests {
         let g = &m.graph;
         let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.as_str()).collect();
         assert_eq!(ops, ["Mul", "LeakyRelu", "Mul", "LeakyRelu"]);
-        assert!(g.nodes.iter().all(|n| n.domain.is_empty() && n.opset == 13), "function opsets apply");
+        assert!(
+            g.nodes.iter().all(|n| n.domain.is_empty() && n.opset == 13),
+            "function opsets apply"
+        );
         assert_eq!(g.nodes[1].attr_float("alpha"), Some(0.25), "caller's attribute");
         assert_eq!(g.nodes[3].attr_float("alpha"), Some(0.5), "function default");
         // Inner values are distinct per call; formal names map to the actual ones.
@@ -1251,7 +1340,11 @@ mod tests {
         // Outer(X) = Square(X) with a subgraph in the body reading a function-local value.
         let mut inner_call = node("Square", &["X"], &["s"]);
         inner_call.domain = "my.fns".into();
-        let branch = GraphProto { output: vec![untyped("r")], node: vec![node("Relu", &["s"], &["r"])], ..Default::default() };
+        let branch = GraphProto {
+            output: vec![untyped("r")],
+            node: vec![node("Relu", &["s"], &["r"])],
+            ..Default::default()
+        };
         let outer = FunctionProto {
             name: "Outer".into(),
             domain: "my.fns".into(),
@@ -1264,7 +1357,10 @@ mod tests {
                 node("Size", &["shape"], &["n"]),
                 node("Cast", &["n"], &["cond"]),
                 with_attr(
-                    with_attr(node("If", &["cond"], &["Y"]), attr_graph("then_branch", branch.clone())),
+                    with_attr(
+                        node("If", &["cond"], &["Y"]),
+                        attr_graph("then_branch", branch.clone()),
+                    ),
                     attr_graph("else_branch", branch),
                 ),
             ],
@@ -1340,14 +1436,23 @@ mod tests {
         let m = import(&model(g, 18)).unwrap();
         let g = &m.graph;
         let t = |i: usize| &g.values[g.inputs[i]].ty;
-        assert_eq!(t(0), &Type::Sequence(Box::new(Type::tensor(DType::I64, vec![Dim::Sym("?x".into())]))));
-        assert_eq!(t(1), &Type::Tensor { dtype: Some(DType::F32), shape: Some(vec![Dim::Unknown]) });
+        assert_eq!(
+            t(0),
+            &Type::Sequence(Box::new(Type::tensor(DType::I64, vec![Dim::Sym("?x".into())])))
+        );
+        assert_eq!(
+            t(1),
+            &Type::Tensor { dtype: Some(DType::F32), shape: Some(vec![Dim::Unknown]) }
+        );
         assert_eq!(t(2), &Type::Unknown);
 
         let map = ValueInfoProto {
             name: "m".into(),
             r#type: Some(TypeProto {
-                value: Some(type_proto::Value::MapType(type_proto::Map { key_type: 7, value_type: None })),
+                value: Some(type_proto::Value::MapType(type_proto::Map {
+                    key_type: 7,
+                    value_type: None,
+                })),
                 denotation: String::new(),
             }),
             ..Default::default()

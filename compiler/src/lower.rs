@@ -42,9 +42,19 @@ pub fn lower(model: &Model, target: &str, passes: &[String]) -> Result<Lowered> 
         opsets: model
             .opsets
             .iter()
-            .map(|(d, v)| Opset { domain: norm_domain(d).to_string(), version: *v })
+            .map(|(d, v)| Opset {
+                domain: norm_domain(d).to_string(),
+                version: *v,
+            })
             .collect(),
-        props: model.props.iter().map(|(k, v)| KeyValue { key: k.clone(), value: v.clone() }).collect(),
+        props: model
+            .props
+            .iter()
+            .map(|(k, v)| KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
         ir_version: model.ir_version,
     };
     let manifest = Manifest {
@@ -53,7 +63,10 @@ pub fn lower(model: &Model, target: &str, passes: &[String]) -> Result<Lowered> 
         program: Some(program),
         blobs: blobs.entries,
     };
-    Ok(Lowered { manifest, blobs: blobs.tensors })
+    Ok(Lowered {
+        manifest,
+        blobs: blobs.tensors,
+    })
 }
 
 /// One node as a standalone step with every tensor attribute inline (for evaluating single nodes,
@@ -94,7 +107,10 @@ impl Blobs {
         }
         let offset = align_up(self.end as usize) as u64;
         let i = self.entries.len() as u32;
-        self.entries.push(Blob { offset, len: bytes.len() as u64 });
+        self.entries.push(Blob {
+            offset,
+            len: bytes.len() as u64,
+        });
         self.tensors.push(t.clone());
         self.end = offset + bytes.len() as u64;
         self.seen.insert(key, i);
@@ -109,7 +125,10 @@ fn tensor_data(t: &Tensor, blobs: Option<&mut Blobs>) -> TensorData {
         ..Default::default()
     };
     if t.dtype() == DType::String {
-        d.strings = t.strings().map(|s| s.iter().map(|x| x.as_bytes().to_vec()).collect()).unwrap_or_default();
+        d.strings = t
+            .strings()
+            .map(|s| s.iter().map(|x| x.as_bytes().to_vec()).collect())
+            .unwrap_or_default();
         return d;
     }
     match blobs {
@@ -140,24 +159,42 @@ fn type_parts(ty: &Type) -> (ValueKind, Option<DType>, Option<&[Dim]>) {
 
 fn lower_dim(d: &Dim) -> MDim {
     match d {
-        Dim::Fixed(n) => MDim { size: *n as i64, symbol: String::new() },
-        Dim::Sym(s) => MDim { size: -1, symbol: s.clone() },
-        Dim::Unknown => MDim { size: -1, symbol: String::new() },
+        Dim::Fixed(n) => MDim {
+            size: *n as i64,
+            symbol: String::new(),
+        },
+        Dim::Sym(s) => MDim {
+            size: -1,
+            symbol: s.clone(),
+        },
+        Dim::Unknown => MDim {
+            size: -1,
+            symbol: String::new(),
+        },
     }
 }
 
 fn value_info(v: &crate::ir::ValueInfo) -> MValueInfo {
     let (kind, dtype, shape) = type_parts(&v.ty);
-    let konst_shape: Option<Vec<Dim>> = v.konst.as_ref().map(|t| t.shape().iter().map(|&n| Dim::Fixed(n)).collect());
+    let konst_shape: Option<Vec<Dim>> = v
+        .konst
+        .as_ref()
+        .map(|t| t.shape().iter().map(|&n| Dim::Fixed(n)).collect());
     let dtype = dtype.or(v.konst.as_ref().map(|t| t.dtype()));
     let shape = shape.or(konst_shape.as_deref());
-    let kind = if kind == ValueKind::Unknown && v.konst.is_some() { ValueKind::Tensor } else { kind };
+    let kind = if kind == ValueKind::Unknown && v.konst.is_some() {
+        ValueKind::Tensor
+    } else {
+        kind
+    };
     MValueInfo {
         name: v.name.clone(),
         kind: kind as i32,
         dtype: dtype.map_or(0, |d| d.onnx_code()),
         has_shape: shape.is_some(),
-        dims: shape.map(|s| s.iter().map(lower_dim).collect()).unwrap_or_default(),
+        dims: shape
+            .map(|s| s.iter().map(lower_dim).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -180,12 +217,18 @@ fn resolve(stack: &mut [Frame], name: &str) -> Option<u32> {
     let id = last.values.len() as u32;
     last.values.push(info);
     last.names.insert(name.to_string(), id);
-    last.captures.push(Capture { inner: id, outer: oid });
+    last.captures.push(Capture {
+        inner: id,
+        outer: oid,
+    });
     Some(id)
 }
 
 fn vid(v: ValueId) -> Result<u32> {
-    u32::try_from(v).ok().filter(|&x| x < i32::MAX as u32).ok_or_else(|| Error::InvalidModel("too many values".into()))
+    u32::try_from(v)
+        .ok()
+        .filter(|&x| x < i32::MAX as u32)
+        .ok_or_else(|| Error::InvalidModel("too many values".into()))
 }
 
 fn lower_graph(g: &Graph, stack: &mut Vec<Frame>, blobs: &mut Blobs) -> Result<Program> {
@@ -198,7 +241,11 @@ fn lower_graph(g: &Graph, stack: &mut Vec<Frame>, blobs: &mut Blobs) -> Result<P
         }
     }
     let values: Vec<MValueInfo> = g.values.iter().map(value_info).collect();
-    stack.push(Frame { values, names, captures: Vec::new() });
+    stack.push(Frame {
+        values,
+        names,
+        captures: Vec::new(),
+    });
     let result = lower_graph_body(g, stack, blobs);
     let frame = stack.pop().expect("pushed above");
     let mut p = result?;
@@ -244,7 +291,10 @@ fn lower_graph_body(g: &Graph, stack: &mut Vec<Frame>, blobs: &mut Blobs) -> Res
     let mut constants = Vec::new();
     for (i, v) in g.values.iter().enumerate() {
         if let (Some(t), true) = (&v.konst, read[i]) {
-            constants.push(ConstBinding { value: vid(i)?, tensor: Some(tensor_data(t, Some(blobs))) });
+            constants.push(ConstBinding {
+                value: vid(i)?,
+                tensor: Some(tensor_data(t, Some(blobs))),
+            });
         }
     }
     // Captures: declared ones, and any value read without being produced here.
@@ -254,16 +304,27 @@ fn lower_graph_body(g: &Graph, stack: &mut Vec<Frame>, blobs: &mut Blobs) -> Res
             continue;
         }
         let depth = stack.len();
-        let outer = if depth > 1 { resolve(&mut stack[..depth - 1], &v.name) } else { None };
+        let outer = if depth > 1 {
+            resolve(&mut stack[..depth - 1], &v.name)
+        } else {
+            None
+        };
         let Some(outer) = outer else {
             return Err(Error::InvalidModel(format!(
                 "graph '{}' reads value '{}' which nothing produces{}",
                 g.name,
                 v.name,
-                if depth > 1 { " and no enclosing graph defines" } else { "" }
+                if depth > 1 {
+                    " and no enclosing graph defines"
+                } else {
+                    ""
+                }
             )));
         };
-        stack[depth - 1].captures.push(Capture { inner: vid(i)?, outer });
+        stack[depth - 1].captures.push(Capture {
+            inner: vid(i)?,
+            outer,
+        });
     }
     let mut steps = Vec::with_capacity(g.nodes.len());
     for node in &g.nodes {
@@ -277,7 +338,10 @@ fn lower_graph_body(g: &Graph, stack: &mut Vec<Frame>, blobs: &mut Blobs) -> Res
             AttrValue::Graphs(gs) => Ok(Attr {
                 name: a.name.clone(),
                 kind: AttrKind::Graphs as i32,
-                graphs: gs.iter().map(|sg| lower_graph(sg, stack, blobs)).collect::<Result<_>>()?,
+                graphs: gs
+                    .iter()
+                    .map(|sg| lower_graph(sg, stack, blobs))
+                    .collect::<Result<_>>()?,
                 ..Default::default()
             }),
             v => Ok(plain_attr(&a.name, v, Some(blobs))),
@@ -296,7 +360,9 @@ fn lower_graph_body(g: &Graph, stack: &mut Vec<Frame>, blobs: &mut Blobs) -> Res
 
 fn lower_step(node: &Node, attr: &mut dyn FnMut(&Attribute) -> Result<Attr>) -> Result<Step> {
     let ids = |v: &[Option<ValueId>]| -> Result<Vec<i32>> {
-        v.iter().map(|x| x.map_or(Ok(-1), |v| vid(v).map(|v| v as i32))).collect()
+        v.iter()
+            .map(|x| x.map_or(Ok(-1), |v| vid(v).map(|v| v as i32)))
+            .collect()
     };
     Ok(Step {
         op: node.op.clone(),
@@ -305,13 +371,16 @@ fn lower_step(node: &Node, attr: &mut dyn FnMut(&Attribute) -> Result<Attr>) -> 
         name: node.name.clone(),
         inputs: ids(&node.inputs)?,
         outputs: ids(&node.outputs)?,
-        attrs: node.attrs.iter().map(|a| attr(a)).collect::<Result<_>>()?,
+        attrs: node.attrs.iter().map(attr).collect::<Result<_>>()?,
     })
 }
 
 /// A non-graph attribute; tensors go to blobs when `blobs` is given and they are big.
 fn plain_attr(name: &str, v: &AttrValue, mut blobs: Option<&mut Blobs>) -> Attr {
-    let mut a = Attr { name: name.to_string(), ..Default::default() };
+    let mut a = Attr {
+        name: name.to_string(),
+        ..Default::default()
+    };
     let kind = match v {
         AttrValue::Float(f) => {
             a.f = *f;
@@ -342,7 +411,10 @@ fn plain_attr(name: &str, v: &AttrValue, mut blobs: Option<&mut Blobs>) -> Attr 
             AttrKind::Strings
         }
         AttrValue::Tensors(ts) => {
-            a.tensors = ts.iter().map(|t| tensor_data(t, blobs.as_deref_mut())).collect();
+            a.tensors = ts
+                .iter()
+                .map(|t| tensor_data(t, blobs.as_deref_mut()))
+                .collect();
             AttrKind::Tensors
         }
         AttrValue::Type(t) => {

@@ -47,7 +47,10 @@ fn layout(lowered: &Lowered) -> Vec<Blob> {
         .map(|t| {
             let offset = align_up(end);
             end = offset + t.bytes().len();
-            Blob { offset: offset as u64, len: t.bytes().len() as u64 }
+            Blob {
+                offset: offset as u64,
+                len: t.bytes().len() as u64,
+            }
         })
         .collect()
 }
@@ -56,17 +59,20 @@ fn layout(lowered: &Lowered) -> Vec<Blob> {
 pub fn write_to(lowered: &Lowered, w: &mut dyn Write) -> Result<u64> {
     let blobs = layout(lowered);
     // The lowerer lays blobs out the same way; re-encode only if someone changed them since.
-    let manifest_bytes = if lowered.manifest.blobs == blobs && lowered.manifest.format_version == FORMAT_VERSION {
-        lowered.manifest.encode_to_vec()
-    } else {
-        let mut m: Manifest = lowered.manifest.clone();
-        m.blobs = blobs.clone();
-        m.format_version = FORMAT_VERSION;
-        m.encode_to_vec()
-    };
+    let manifest_bytes =
+        if lowered.manifest.blobs == blobs && lowered.manifest.format_version == FORMAT_VERSION {
+            lowered.manifest.encode_to_vec()
+        } else {
+            let mut m: Manifest = lowered.manifest.clone();
+            m.blobs = blobs.clone();
+            m.format_version = FORMAT_VERSION;
+            m.encode_to_vec()
+        };
     for (i, t) in lowered.blobs.iter().enumerate() {
         if t.dtype() == kiln_runtime::DType::String {
-            return Err(Error::Other(format!("blob {i} is a string tensor (strings must be inline)")));
+            return Err(Error::Other(format!(
+                "blob {i} is a string tensor (strings must be inline)"
+            )));
         }
     }
     let weights_offset = align_up(HEADER_LEN + manifest_bytes.len());
@@ -79,7 +85,11 @@ pub fn write_to(lowered: &Lowered, w: &mut dyn Write) -> Result<u64> {
     header[24..32].copy_from_slice(&(weights_offset as u64).to_le_bytes());
     header[32..40].copy_from_slice(&(weights_len as u64).to_le_bytes());
 
-    let mut hw = HashingWriter { inner: w, hasher: Xxh3::new(), written: 0 };
+    let mut hw = HashingWriter {
+        inner: w,
+        hasher: Xxh3::new(),
+        written: 0,
+    };
     hw.write_all(&header)?;
     hw.write_all(&manifest_bytes)?;
     hw.pad_to(weights_offset as u64)?;
@@ -141,19 +151,35 @@ impl TempFile {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let path = dir.join(format!(".{base}.{}-{n}.tmp", std::process::id()));
             match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(file) => return Ok(TempFile { file, path, keep: false }),
+                Ok(file) => {
+                    return Ok(TempFile {
+                        file,
+                        path,
+                        keep: false,
+                    })
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
-                    return Err(Error::Input(format!("cannot create a file in {}: {e}", dir.display())))
+                    return Err(Error::Input(format!(
+                        "cannot create a file in {}: {e}",
+                        dir.display()
+                    )))
                 }
             }
         }
-        Err(Error::Other(format!("cannot pick a temporary file name in {}", dir.display())))
+        Err(Error::Other(format!(
+            "cannot pick a temporary file name in {}",
+            dir.display()
+        )))
     }
 
     fn persist(mut self, dest: &Path) -> Result<()> {
-        std::fs::rename(&self.path, dest)
-            .map_err(|e| Error::Other(format!("cannot move the artifact to {}: {e}", dest.display())))?;
+        std::fs::rename(&self.path, dest).map_err(|e| {
+            Error::Other(format!(
+                "cannot move the artifact to {}: {e}",
+                dest.display()
+            ))
+        })?;
         self.keep = true;
         // Make the rename itself durable (best effort: not every platform can sync a directory).
         if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {

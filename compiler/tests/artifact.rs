@@ -16,7 +16,10 @@ fn weights(n: usize) -> Vec<f32> {
 /// MatMul + Add with a 100x100 weight, and an If whose else branch nests another If that reads a
 /// main-graph value the middle branch never mentions.
 fn sample_model() -> Model {
-    let mut g = Graph { name: "main".into(), ..Default::default() };
+    let mut g = Graph {
+        name: "main".into(),
+        ..Default::default()
+    };
     let x = input(&mut g, "x", f32t(&[s("batch"), d(100)]));
     let cond = input(&mut g, "cond", ty(DType::Bool, &[]));
     let w = g.add_const("W", Tensor::from_vec(&[100, 100], weights(10_000)).unwrap());
@@ -25,19 +28,28 @@ fn sample_model() -> Model {
     let h = node1(&mut g, "MatMul", 17, &[x, w], "h", vec![]);
     let y = node1(&mut g, "Add", 17, &[h, b], "y", vec![]);
 
-    let mut then_g = Graph { name: "then".into(), ..Default::default() };
+    let mut then_g = Graph {
+        name: "then".into(),
+        ..Default::default()
+    };
     let ty_ = then_g.add_value("y", Type::Unknown);
     then_g.captures.push(ty_);
     let t_out = node1(&mut then_g, "Relu", 17, &[ty_], "t_out", vec![]);
     then_g.outputs.push(t_out);
 
     // Innermost: reads `x` from main.
-    let mut inner_then = Graph { name: "inner_then".into(), ..Default::default() };
+    let mut inner_then = Graph {
+        name: "inner_then".into(),
+        ..Default::default()
+    };
     let ix = inner_then.add_value("x", Type::Unknown);
     inner_then.captures.push(ix);
     let io = node1(&mut inner_then, "Neg", 17, &[ix], "io", vec![]);
     inner_then.outputs.push(io);
-    let mut inner_else = Graph { name: "inner_else".into(), ..Default::default() };
+    let mut inner_else = Graph {
+        name: "inner_else".into(),
+        ..Default::default()
+    };
     let iy = inner_else.add_value("y", Type::Unknown);
     inner_else.captures.push(iy);
     let k = inner_else.add_const("k", Tensor::from_vec(&[2], vec![2.0f32, 3.0]).unwrap());
@@ -45,7 +57,10 @@ fn sample_model() -> Model {
     let ie = node1(&mut inner_else, "Abs", 17, &[iy], "ie", vec![]);
     inner_else.outputs.push(ie);
 
-    let mut else_g = Graph { name: "else".into(), ..Default::default() };
+    let mut else_g = Graph {
+        name: "else".into(),
+        ..Default::default()
+    };
     let ec = else_g.add_value("cond", Type::Unknown);
     else_g.captures.push(ec);
     let e_out = node1(
@@ -97,7 +112,10 @@ fn lowered() -> Lowered {
 }
 
 fn value_id(p: &Program, name: &str) -> u32 {
-    p.values.iter().position(|v| v.name == name).unwrap_or_else(|| panic!("no value {name}")) as u32
+    p.values
+        .iter()
+        .position(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no value {name}")) as u32
 }
 
 fn subgraph<'a>(p: &'a Program, op: &str, attr: &str) -> &'a Program {
@@ -112,7 +130,11 @@ fn round_trip_through_a_file() {
     let path = dir.path().join("model.kiln");
     let n = write_artifact(&low, &path).unwrap();
     assert_eq!(n, std::fs::metadata(&path).unwrap().len());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temporary file left"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), to_bytes(&low).unwrap());
 
     let art = Artifact::open(&path).unwrap();
@@ -133,7 +155,10 @@ fn round_trip_through_a_file() {
     let x = &p.values[p.inputs[0] as usize];
     assert_eq!(x.name, "x");
     assert_eq!(x.type_string(), "f32[batch,100]");
-    assert_eq!(p.values[value_id(p, "y") as usize].type_string(), "f32[batch,100]");
+    assert_eq!(
+        p.values[value_id(p, "y") as usize].type_string(),
+        "f32[batch,100]"
+    );
     assert_eq!(p.values[value_id(p, "red") as usize].type_string(), "f32[]");
     assert_eq!(p.outputs.len(), 3);
 
@@ -141,7 +166,10 @@ fn round_trip_through_a_file() {
     let ops: Vec<&str> = p.steps.iter().map(|s| s.op.as_str()).collect();
     assert_eq!(ops, ["MatMul", "Add", "If", "ReduceSum"]);
     let mm = &p.steps[0];
-    assert_eq!(mm.inputs, vec![value_id(p, "x") as i32, value_id(p, "W") as i32]);
+    assert_eq!(
+        mm.inputs,
+        vec![value_id(p, "x") as i32, value_id(p, "W") as i32]
+    );
     assert_eq!(mm.outputs, vec![value_id(p, "h") as i32]);
     assert_eq!(mm.domain, "");
     assert_eq!(mm.opset, 17);
@@ -153,7 +181,11 @@ fn round_trip_through_a_file() {
     assert_eq!(big_t.view::<f32>().unwrap(), weights(64).as_slice());
 
     // Constants: W and b in blobs, the small axes inline, the unused weight dropped.
-    let names: Vec<&str> = p.constants.iter().map(|c| p.values[c.value as usize].name.as_str()).collect();
+    let names: Vec<&str> = p
+        .constants
+        .iter()
+        .map(|c| p.values[c.value as usize].name.as_str())
+        .collect();
     assert_eq!(names, ["W", "b", "axes"]);
     let w = art.tensor(p.constants[0].tensor.as_ref().unwrap()).unwrap();
     assert_eq!(w.shape(), &[100, 100]);
@@ -191,8 +223,14 @@ fn round_trip_through_a_file() {
     assert_eq!(outer_of(inner_else, "y"), value_id(else_p, "y"));
     // The nested constant is unused and so not emitted; the inner output is typed.
     assert!(inner_else.constants.is_empty());
-    assert_eq!(inner_else.values[inner_else.outputs[0] as usize].type_string(), "f32[batch,100]");
-    assert_eq!(else_p.values[value_id(else_p, "x") as usize].kind, ValueKind::Tensor as i32);
+    assert_eq!(
+        inner_else.values[inner_else.outputs[0] as usize].type_string(),
+        "f32[batch,100]"
+    );
+    assert_eq!(
+        else_p.values[value_id(else_p, "x") as usize].kind,
+        ValueKind::Tensor as i32
+    );
 }
 
 #[test]
@@ -202,7 +240,10 @@ fn corrupted_truncated_and_wrong_version_files_are_refused() {
     for pos in [70, bytes.len() / 2, bytes.len() - 20, bytes.len() - 1] {
         let mut bad = bytes.clone();
         bad[pos] ^= 0x40;
-        assert!(Artifact::from_vec(bad).is_err(), "flipped byte {pos} accepted");
+        assert!(
+            Artifact::from_vec(bad).is_err(),
+            "flipped byte {pos} accepted"
+        );
     }
     assert!(Artifact::from_vec(bytes[..bytes.len() - 1].to_vec()).is_err());
     assert!(Artifact::from_vec(bytes[..100].to_vec()).is_err());

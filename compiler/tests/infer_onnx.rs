@@ -20,7 +20,11 @@ fn erase(g: &mut Graph) {
             }
         }
     }
-    let outs: Vec<usize> = g.nodes.iter().flat_map(|n| n.outputs.iter().flatten().copied()).collect();
+    let outs: Vec<usize> = g
+        .nodes
+        .iter()
+        .flat_map(|n| n.outputs.iter().flatten().copied())
+        .collect();
     for v in outs {
         g.values[v].ty = Type::Unknown;
     }
@@ -37,7 +41,16 @@ enum Verdict {
 fn compare(decl: &Type, inf: &Type) -> Verdict {
     match (decl, inf) {
         (_, Type::Unknown) => Verdict::Missing,
-        (Type::Tensor { dtype: dd, shape: ds }, Type::Tensor { dtype: id, shape: is }) => {
+        (
+            Type::Tensor {
+                dtype: dd,
+                shape: ds,
+            },
+            Type::Tensor {
+                dtype: id,
+                shape: is,
+            },
+        ) => {
             if let (Some(a), Some(b)) = (dd, id) {
                 if a != b {
                     return Verdict::Wrong(format!("dtype {a} vs {b}"));
@@ -68,7 +81,9 @@ fn compare(decl: &Type, inf: &Type) -> Verdict {
                 Verdict::Same
             }
         }
-        (Type::Sequence(a), Type::Sequence(b)) | (Type::Optional(a), Type::Optional(b)) => compare(a, b),
+        (Type::Sequence(a), Type::Sequence(b)) | (Type::Optional(a), Type::Optional(b)) => {
+            compare(a, b)
+        }
         _ => Verdict::Wrong(format!("kind {decl} vs {inf}")),
     }
 }
@@ -82,14 +97,20 @@ fn inference_matches_backend_test_declarations() {
     };
     let mut cases: Vec<_> = dir.flatten().map(|e| e.path()).collect();
     cases.sort();
-    let (mut same, mut less, mut missing, mut wrong, mut failed) = (0, 0, Vec::new(), Vec::new(), 0);
+    let (mut same, mut less, mut missing, mut wrong, mut failed) =
+        (0, 0, Vec::new(), Vec::new(), 0);
     for case in cases {
         let name = case.file_name().unwrap().to_string_lossy().into_owned();
         let Ok(mut m) = import_model(&case.join("model.onnx")) else {
             failed += 1;
             continue;
         };
-        let decl: Vec<Type> = m.graph.outputs.iter().map(|&v| m.graph.values[v].ty.clone()).collect();
+        let decl: Vec<Type> = m
+            .graph
+            .outputs
+            .iter()
+            .map(|&v| m.graph.values[v].ty.clone())
+            .collect();
         erase(&mut m.graph);
         infer_types(&mut m).unwrap();
         for (k, &v) in m.graph.outputs.iter().enumerate() {
@@ -108,7 +129,11 @@ fn inference_matches_backend_test_declarations() {
         }
     }
     let _ = Path::new(SUITE);
-    eprintln!("same {same}, less precise {less}, missing {}, wrong {}, import failed {failed}", missing.len(), wrong.len());
+    eprintln!(
+        "same {same}, less precise {less}, missing {}, wrong {}, import failed {failed}",
+        missing.len(),
+        wrong.len()
+    );
     for w in &wrong {
         eprintln!("WRONG {w}");
     }

@@ -16,7 +16,11 @@ const MODELS: &str = "/root/.cache/kiln/models";
 /// (values, values without a dtype, values without a shape), subgraphs included.
 fn coverage(g: &Graph) -> (usize, usize, usize) {
     let mut c = (0, 0, 0);
-    let produced: Vec<usize> = g.nodes.iter().flat_map(|n| n.outputs.iter().flatten().copied()).collect();
+    let produced: Vec<usize> = g
+        .nodes
+        .iter()
+        .flat_map(|n| n.outputs.iter().flatten().copied())
+        .collect();
     for v in produced {
         c.0 += 1;
         let ty = &g.values[v].ty;

@@ -20,7 +20,10 @@ pub(crate) fn infer(
     scope: &Scope,
 ) -> Vec<Type> {
     let is_onnx = matches!(node.domain.as_str(), "" | "ai.onnx");
-    let ins: Vec<Type> = ins.into_iter().map(|t| t.unwrap_or(Type::Unknown)).collect();
+    let ins: Vec<Type> = ins
+        .into_iter()
+        .map(|t| t.unwrap_or(Type::Unknown))
+        .collect();
     match node.op.as_str() {
         "If" if is_onnx => infer_if(node, cond, scope),
         "Loop" if is_onnx => infer_loop(node, &ins, scope),
@@ -42,10 +45,13 @@ pub(crate) fn infer(
 }
 
 fn graph_attr<'a>(node: &'a mut Node, name: &str) -> Option<&'a mut Graph> {
-    node.attrs.iter_mut().find(|a| a.name == name).and_then(|a| match &mut a.value {
-        AttrValue::Graph(g) => Some(g.as_mut()),
-        _ => None,
-    })
+    node.attrs
+        .iter_mut()
+        .find(|a| a.name == name)
+        .and_then(|a| match &mut a.value {
+            AttrValue::Graph(g) => Some(g.as_mut()),
+            _ => None,
+        })
 }
 
 fn output_types(g: &Graph) -> Vec<Type> {
@@ -88,7 +94,9 @@ fn infer_body(
         let outs = output_types(body);
         let mut stable = true;
         for j in 0..n {
-            let (Some(&iv), Some(out)) = (body.inputs.get(carried_in + j), outs.get(carried_out + j)) else {
+            let (Some(&iv), Some(out)) =
+                (body.inputs.get(carried_in + j), outs.get(carried_out + j))
+            else {
                 continue;
             };
             let inp = &body.values[iv].ty;
@@ -110,9 +118,14 @@ fn infer_body(
 
 fn infer_loop(node: &mut Node, ins: &[Type], scope: &Scope) -> Vec<Type> {
     let n_out = node.outputs.len();
-    let Some(body) = graph_attr(node, "body") else { return Vec::new() };
+    let Some(body) = graph_attr(node, "body") else {
+        return Vec::new();
+    };
     let carried = ins.len().saturating_sub(2);
-    let mut in_types = vec![Type::tensor(DType::I64, vec![]), Type::tensor(DType::Bool, vec![])];
+    let mut in_types = vec![
+        Type::tensor(DType::I64, vec![]),
+        Type::tensor(DType::Bool, vec![]),
+    ];
     in_types.extend(ins.iter().skip(2).cloned());
     infer_body(body, in_types, (2, 1, carried), scope);
     let outs = output_types(body);
@@ -150,7 +163,10 @@ fn stacked(t: Option<&Type>, len: Dim, axis: i64) -> Type {
                 s.insert(a, len);
                 Some(s)
             });
-            Type::Tensor { dtype: *dtype, shape }
+            Type::Tensor {
+                dtype: *dtype,
+                shape,
+            }
         }
         _ => Type::Unknown,
     }
@@ -166,28 +182,43 @@ fn sliced(t: &Type, axis: i64) -> Type {
                 s.remove(a);
                 Some(s)
             });
-            Type::Tensor { dtype: *dtype, shape }
+            Type::Tensor {
+                dtype: *dtype,
+                shape,
+            }
         }
         _ => Type::Unknown,
     }
 }
 
 fn dim_of(t: &Type, axis: i64) -> Dim {
-    t.shape().and_then(|s| norm_axis(axis, s.len()).map(|a| s[a].clone())).unwrap_or(Dim::Unknown)
+    t.shape()
+        .and_then(|s| norm_axis(axis, s.len()).map(|a| s[a].clone()))
+        .unwrap_or(Dim::Unknown)
 }
 
 fn infer_scan(node: &mut Node, ins: &[Type], scope: &Scope) -> Vec<Type> {
     let n_out = node.outputs.len();
     let m = node.attr_int("num_scan_inputs").unwrap_or(0).max(0) as usize;
     let n = ins.len().saturating_sub(m);
-    let in_axes = node.attr_ints("scan_input_axes").map(|v| v.to_vec()).unwrap_or(vec![0; m]);
-    let out_axes = node.attr_ints("scan_output_axes").map(|v| v.to_vec()).unwrap_or_default();
+    let in_axes = node
+        .attr_ints("scan_input_axes")
+        .map(|v| v.to_vec())
+        .unwrap_or(vec![0; m]);
+    let out_axes = node
+        .attr_ints("scan_output_axes")
+        .map(|v| v.to_vec())
+        .unwrap_or_default();
     let mut in_types: Vec<Type> = ins[..n].to_vec();
     for (j, t) in ins[n..].iter().enumerate() {
         in_types.push(sliced(t, in_axes.get(j).copied().unwrap_or(0)));
     }
-    let len = ins.get(n).map_or(Dim::Unknown, |t| dim_of(t, in_axes.first().copied().unwrap_or(0)));
-    let Some(body) = graph_attr(node, "body") else { return Vec::new() };
+    let len = ins.get(n).map_or(Dim::Unknown, |t| {
+        dim_of(t, in_axes.first().copied().unwrap_or(0))
+    });
+    let Some(body) = graph_attr(node, "body") else {
+        return Vec::new();
+    };
     infer_body(body, in_types, (0, 0, n), scope);
     let outs = output_types(body);
     (0..n_out)
@@ -212,7 +243,9 @@ fn infer_scan8(node: &mut Node, ins: &[Type], scope: &Scope) -> Vec<Type> {
     let len = rest.get(n).map_or(Dim::Unknown, |t| dim_of(t, 1));
     let mut in_types: Vec<Type> = rest[..n].iter().map(|t| sliced(t, 0)).collect();
     in_types.extend(rest[n..].iter().map(|t| sliced(&sliced(t, 0), 0)));
-    let Some(body) = graph_attr(node, "body") else { return Vec::new() };
+    let Some(body) = graph_attr(node, "body") else {
+        return Vec::new();
+    };
     infer_body(body, in_types, (0, 0, n), scope);
     let outs = output_types(body);
     (0..n_out)
@@ -237,7 +270,12 @@ fn infer_sequence_map(node: &mut Node, ins: &[Type], scope: &Scope) -> Vec<Type>
             t => t.clone(),
         })
         .collect();
-    let Some(body) = graph_attr(node, "body") else { return Vec::new() };
+    let Some(body) = graph_attr(node, "body") else {
+        return Vec::new();
+    };
     infer_body(body, in_types, (0, 0, 0), scope);
-    output_types(body).into_iter().map(|t| Type::Sequence(Box::new(t))).collect()
+    output_types(body)
+        .into_iter()
+        .map(|t| Type::Sequence(Box::new(t)))
+        .collect()
 }

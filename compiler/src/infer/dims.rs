@@ -73,7 +73,11 @@ pub(crate) struct Product {
 }
 
 pub(crate) fn product(dims: &[Dim]) -> Product {
-    let mut p = Product { coef: 1, syms: Vec::new(), unknown: false };
+    let mut p = Product {
+        coef: 1,
+        syms: Vec::new(),
+        unknown: false,
+    };
     for d in dims {
         match d {
             Dim::Fixed(n) => p.coef = p.coef.saturating_mul(*n as u128),
@@ -115,10 +119,15 @@ impl Product {
                 None => return Dim::Unknown,
             }
         }
-        if self.coef % other.coef != 0 {
+        if !self.coef.is_multiple_of(other.coef) {
             return Dim::Unknown;
         }
-        Product { coef: self.coef / other.coef, syms: rest, unknown: false }.to_dim()
+        Product {
+            coef: self.coef / other.coef,
+            syms: rest,
+            unknown: false,
+        }
+        .to_dim()
     }
 }
 
@@ -219,7 +228,10 @@ mod tests {
     fn broadcasting_symbols() {
         let a = [s("b"), Dim::Fixed(1), Dim::Fixed(4)];
         let b = [Dim::Fixed(3), Dim::Fixed(4)];
-        assert_eq!(broadcast(&[&a, &b]), vec![s("b"), Dim::Fixed(3), Dim::Fixed(4)]);
+        assert_eq!(
+            broadcast(&[&a, &b]),
+            vec![s("b"), Dim::Fixed(3), Dim::Fixed(4)]
+        );
         assert_eq!(broadcast_dim(&s("b"), &s("b")), s("b"));
         assert_eq!(broadcast_dim(&s("b"), &s("c")), Dim::Unknown);
         assert_eq!(broadcast_dim(&s("b"), &Dim::Fixed(5)), Dim::Fixed(5));

@@ -51,13 +51,26 @@ pub(crate) struct Scope<'a> {
 }
 
 impl<'a> Scope<'a> {
-    pub(crate) fn with<'b>(&'b self, graph: &'b Graph, captured: &'b HashMap<ValueId, Tensor>) -> Scope<'b>
+    pub(crate) fn with<'b>(
+        &'b self,
+        graph: &'b Graph,
+        captured: &'b HashMap<ValueId, Tensor>,
+    ) -> Scope<'b>
     where
         'a: 'b,
     {
-        let names = graph.values.iter().enumerate().map(|(i, v)| (v.name.as_str(), i)).collect();
+        let names = graph
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.as_str(), i))
+            .collect();
         let mut frames: Vec<Frame<'b>> = self.frames.clone();
-        frames.push(Frame { graph, names, captured });
+        frames.push(Frame {
+            graph,
+            names,
+            captured,
+        });
         Scope { frames }
     }
 
@@ -160,15 +173,30 @@ pub(crate) fn refine(declared: &Type, inferred: &Type) -> Type {
     match (declared, inferred) {
         (Type::Unknown, t) => t.clone(),
         (d, Type::Unknown) => d.clone(),
-        (Type::Tensor { dtype: dd, shape: ds }, Type::Tensor { dtype: id, shape: is }) => {
+        (
+            Type::Tensor {
+                dtype: dd,
+                shape: ds,
+            },
+            Type::Tensor {
+                dtype: id,
+                shape: is,
+            },
+        ) => {
             let shape = match (ds, is) {
                 (None, s) => s.clone(),
-                (Some(d), Some(i)) if d.len() == i.len() => {
-                    Some(d.iter().zip(i).map(|(a, b)| dims::refine_dim(a, b)).collect())
-                }
+                (Some(d), Some(i)) if d.len() == i.len() => Some(
+                    d.iter()
+                        .zip(i)
+                        .map(|(a, b)| dims::refine_dim(a, b))
+                        .collect(),
+                ),
                 (Some(d), _) => Some(d.clone()),
             };
-            Type::Tensor { dtype: dd.or(*id), shape }
+            Type::Tensor {
+                dtype: dd.or(*id),
+                shape,
+            }
         }
         (Type::Sequence(d), Type::Sequence(i)) => Type::Sequence(Box::new(refine(d, i))),
         (Type::Optional(d), Type::Optional(i)) => Type::Optional(Box::new(refine(d, i))),
@@ -180,7 +208,16 @@ pub(crate) fn refine(declared: &Type, inferred: &Type) -> Type {
 /// The common type of two values that may differ (If branches, loop-carried values).
 pub(crate) fn join(a: &Type, b: &Type) -> Type {
     match (a, b) {
-        (Type::Tensor { dtype: da, shape: sa }, Type::Tensor { dtype: db, shape: sb }) => {
+        (
+            Type::Tensor {
+                dtype: da,
+                shape: sa,
+            },
+            Type::Tensor {
+                dtype: db,
+                shape: sb,
+            },
+        ) => {
             let dtype = if da == db { *da } else { None };
             let shape = match (sa, sb) {
                 (Some(x), Some(y)) if x.len() == y.len() => {
@@ -250,14 +287,28 @@ impl<'a> Cx<'a> {
         captured: &'a HashMap<ValueId, Tensor>,
         syms: &'a HashMap<ValueId, Vec<SymInt>>,
     ) -> Cx<'a> {
-        let ins = node.inputs.iter().map(|v| v.map(|v| &g.values[v].ty)).collect();
+        let ins = node
+            .inputs
+            .iter()
+            .map(|v| v.map(|v| &g.values[v].ty))
+            .collect();
         let consts = node
             .inputs
             .iter()
             .map(|v| v.and_then(|v| g.konst(v).or_else(|| captured.get(&v))))
             .collect();
-        let syms = node.inputs.iter().map(|v| v.and_then(|v| syms.get(&v)).map(|s| s.as_slice())).collect();
-        Cx { node, opset: node.opset, ins, consts, syms }
+        let syms = node
+            .inputs
+            .iter()
+            .map(|v| v.and_then(|v| syms.get(&v)).map(|s| s.as_slice()))
+            .collect();
+        Cx {
+            node,
+            opset: node.opset,
+            ins,
+            consts,
+            syms,
+        }
     }
 
     fn input_types(&self) -> Vec<Option<Type>> {
@@ -351,6 +402,7 @@ impl<'a> Cx<'a> {
     }
 
     pub fn attr_dtype(&self, name: &str) -> Option<DType> {
-        self.attr_i_opt(name).and_then(|c| DType::from_onnx(c as i32))
+        self.attr_i_opt(name)
+            .and_then(|c| DType::from_onnx(c as i32))
     }
 }

@@ -28,17 +28,24 @@ pub(crate) fn shapes(cx: &Cx) -> Option<Shapes> {
         "MaxUnpool" => one(max_unpool(cx)),
         "LayerNormalization" => Some(layer_norm(cx)),
         "BatchNormalization" => Some(batch_norm(cx)),
-        "DynamicQuantizeLinear" => Some(vec![cx.shape(0).map(|s| s.to_vec()), Some(vec![]), Some(vec![])]),
+        "DynamicQuantizeLinear" => Some(vec![
+            cx.shape(0).map(|s| s.to_vec()),
+            Some(vec![]),
+            Some(vec![]),
+        ]),
         "Resize" => one(resize(cx)),
         "Upsample" => one(upsample(cx)),
         "LSTM" | "GRU" | "RNN" => Some(rnn(cx)),
         "GridSample" => one(grid_sample(cx)),
         "NonMaxSuppression" => one(Some(vec![Dim::Unknown, Dim::Fixed(3)])),
-        "RandomNormal" | "RandomUniform" => {
-            one(cx.attr_ints("shape").map(|s| s.iter().map(|&d| Dim::Fixed(d.max(0) as usize)).collect()))
-        }
+        "RandomNormal" | "RandomUniform" => one(cx
+            .attr_ints("shape")
+            .map(|s| s.iter().map(|&d| Dim::Fixed(d.max(0) as usize)).collect())),
         "Multinomial" => one(cx.shape(0).filter(|s| s.len() == 2).map(|s| {
-            vec![s[0].clone(), Dim::Fixed(cx.attr_i("sample_size", 1).max(0) as usize)]
+            vec![
+                s[0].clone(),
+                Dim::Fixed(cx.attr_i("sample_size", 1).max(0) as usize),
+            ]
         })),
         "HannWindow" | "HammingWindow" | "BlackmanWindow" => one(Some(vec![cx
             .const_ints(0)
@@ -51,7 +58,11 @@ pub(crate) fn shapes(cx: &Cx) -> Option<Shapes> {
         "AffineGrid" => one(affine_grid(cx)),
         "Col2Im" => one(col2im(cx)),
         "ImageDecoder" => {
-            let c = if cx.attr_s("pixel_format", "RGB") == "Grayscale" { 1 } else { 3 };
+            let c = if cx.attr_s("pixel_format", "RGB") == "Grayscale" {
+                1
+            } else {
+                3
+            };
             one(Some(vec![Dim::Unknown, Dim::Unknown, Dim::Fixed(c)]))
         }
         _ => None,
@@ -62,8 +73,16 @@ fn matmul(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
     if a.is_empty() || b.is_empty() {
         return None;
     }
-    let (ab, m) = if a.len() == 1 { (&a[..0], None) } else { (&a[..a.len() - 2], Some(&a[a.len() - 2])) };
-    let (bb, n) = if b.len() == 1 { (&b[..0], None) } else { (&b[..b.len() - 2], Some(&b[b.len() - 1])) };
+    let (ab, m) = if a.len() == 1 {
+        (&a[..0], None)
+    } else {
+        (&a[..a.len() - 2], Some(&a[a.len() - 2]))
+    };
+    let (bb, n) = if b.len() == 1 {
+        (&b[..0], None)
+    } else {
+        (&b[..b.len() - 2], Some(&b[b.len() - 1]))
+    };
     let mut out = broadcast(&[ab, bb]);
     out.extend(m.cloned());
     out.extend(n.cloned());
@@ -75,8 +94,16 @@ fn gemm(cx: &Cx) -> Option<Vec<Dim>> {
     if a.len() != 2 || b.len() != 2 {
         return None;
     }
-    let m = if cx.attr_i("transA", 0) != 0 { &a[1] } else { &a[0] };
-    let n = if cx.attr_i("transB", 0) != 0 { &b[0] } else { &b[1] };
+    let m = if cx.attr_i("transA", 0) != 0 {
+        &a[1]
+    } else {
+        &a[0]
+    };
+    let n = if cx.attr_i("transB", 0) != 0 {
+        &b[0]
+    } else {
+        &b[1]
+    };
     Some(vec![m.clone(), n.clone()])
 }
 
@@ -91,7 +118,11 @@ struct Window {
 }
 
 fn window(cx: &Cx, nsp: usize, kernel: Vec<i64>) -> Option<Window> {
-    let ints = |n: &str| cx.attr_ints(n).map(|v| v.to_vec()).filter(|v| !v.is_empty());
+    let ints = |n: &str| {
+        cx.attr_ints(n)
+            .map(|v| v.to_vec())
+            .filter(|v| !v.is_empty())
+    };
     let strides = ints("strides").unwrap_or(vec![1; nsp]);
     let dilations = ints("dilations").unwrap_or(vec![1; nsp]);
     if kernel.len() != nsp || strides.len() != nsp || dilations.len() != nsp {
@@ -102,14 +133,24 @@ fn window(cx: &Cx, nsp: usize, kernel: Vec<i64>) -> Option<Window> {
         return None;
     }
     let auto_pad = cx.attr_s("auto_pad", "NOTSET").to_string();
-    Some(Window { kernel, strides, dilations, pads, auto_pad, ceil: cx.attr_i("ceil_mode", 0) != 0 })
+    Some(Window {
+        kernel,
+        strides,
+        dilations,
+        pads,
+        auto_pad,
+        ceil: cx.attr_i("ceil_mode", 0) != 0,
+    })
 }
 
 impl Window {
     /// Output size of spatial dim `i` (the ONNX shape-inference formula, pytorch's ceil rule).
     fn out(&self, i: usize, d: &Dim) -> Dim {
         let nsp = self.kernel.len();
-        let (s, ek) = (self.strides[i].max(1), (self.kernel[i] - 1) * self.dilations[i] + 1);
+        let (s, ek) = (
+            self.strides[i].max(1),
+            (self.kernel[i] - 1) * self.dilations[i] + 1,
+        );
         let Some(n) = fixed(d) else {
             // A stride-1 window padded by exactly its extent keeps a symbolic size.
             let same = match (&self.pads, self.auto_pad.as_str()) {
@@ -117,7 +158,11 @@ impl Window {
                 (None, "SAME_UPPER" | "SAME_LOWER") => true,
                 (None, _) => ek == 1,
             };
-            return if s == 1 && same && matches!(d, Dim::Sym(_)) { d.clone() } else { Dim::Unknown };
+            return if s == 1 && same && matches!(d, Dim::Sym(_)) {
+                d.clone()
+            } else {
+                Dim::Unknown
+            };
         };
         let n = n as i64;
         // Explicit pads win over auto_pad, as in ONNX's own shape inference.
@@ -152,11 +197,19 @@ fn conv(cx: &Cx, xi: usize, wi: usize) -> Option<Vec<Dim>> {
     let kernel = match cx.attr_ints("kernel_shape") {
         Some(k) => k.to_vec(),
         None => {
-            let k = w.and_then(|w| w.get(2..)?.iter().map(|d| fixed(d).map(|v| v as i64)).collect());
+            let k = w.and_then(|w| {
+                w.get(2..)?
+                    .iter()
+                    .map(|d| fixed(d).map(|v| v as i64))
+                    .collect()
+            });
             k.unwrap_or_default()
         }
     };
-    let mut out = vec![x[0].clone(), w.and_then(|w| w.first().cloned()).unwrap_or(Dim::Unknown)];
+    let mut out = vec![
+        x[0].clone(),
+        w.and_then(|w| w.first().cloned()).unwrap_or(Dim::Unknown),
+    ];
     let Some(win) = window(cx, nsp, kernel) else {
         out.extend(vec![Dim::Unknown; nsp]);
         return Some(out);
@@ -185,7 +238,9 @@ fn conv_transpose(cx: &Cx) -> Option<Vec<Dim>> {
     let nsp = x.len() - 2;
     let w = cx.shape(1);
     let group = cx.attr_i("group", 1);
-    let m = w.and_then(|w| w.get(1)).map_or(Dim::Unknown, |d| map_fixed(d, |c| c * group));
+    let m = w
+        .and_then(|w| w.get(1))
+        .map_or(Dim::Unknown, |d| map_fixed(d, |c| c * group));
     let mut out = vec![x[0].clone(), m];
     if let Some(os) = cx.attr_ints("output_shape") {
         let os = if os.len() == nsp + 2 { &os[2..] } else { os };
@@ -194,14 +249,22 @@ fn conv_transpose(cx: &Cx) -> Option<Vec<Dim>> {
     }
     let kernel: Option<Vec<i64>> = match cx.attr_ints("kernel_shape") {
         Some(k) => Some(k.to_vec()),
-        None => w.and_then(|w| w.get(2..)?.iter().map(|d| fixed(d).map(|v| v as i64)).collect()),
+        None => w.and_then(|w| {
+            w.get(2..)?
+                .iter()
+                .map(|d| fixed(d).map(|v| v as i64))
+                .collect()
+        }),
     };
     let Some(kernel) = kernel else {
         out.extend(vec![Dim::Unknown; nsp]);
         return Some(out);
     };
     let win = window(cx, nsp, kernel)?;
-    let opad = cx.attr_ints("output_padding").map(|v| v.to_vec()).unwrap_or(vec![0; nsp]);
+    let opad = cx
+        .attr_ints("output_padding")
+        .map(|v| v.to_vec())
+        .unwrap_or(vec![0; nsp]);
     for i in 0..nsp {
         let s = win.strides[i];
         let ek = (win.kernel[i] - 1) * win.dilations[i] + 1;
@@ -227,7 +290,13 @@ fn global_pool(cx: &Cx) -> Option<Vec<Dim>> {
     if x.len() < 2 {
         return None;
     }
-    Some(x[..2].iter().cloned().chain(std::iter::repeat_n(Dim::Fixed(1), x.len() - 2)).collect())
+    Some(
+        x[..2]
+            .iter()
+            .cloned()
+            .chain(std::iter::repeat_n(Dim::Fixed(1), x.len() - 2))
+            .collect(),
+    )
 }
 
 fn max_roi_pool(cx: &Cx) -> Option<Vec<Dim>> {
@@ -240,10 +309,18 @@ fn max_roi_pool(cx: &Cx) -> Option<Vec<Dim>> {
 
 fn roi_align(cx: &Cx) -> Option<Vec<Dim>> {
     let x = cx.shape(0)?;
-    let n = cx.shape(1).and_then(|r| r.first().cloned()).or_else(|| cx.shape(2).and_then(|b| b.first().cloned()));
+    let n = cx
+        .shape(1)
+        .and_then(|r| r.first().cloned())
+        .or_else(|| cx.shape(2).and_then(|b| b.first().cloned()));
     let h = cx.attr_i("output_height", 1).max(0) as usize;
     let w = cx.attr_i("output_width", 1).max(0) as usize;
-    Some(vec![n.unwrap_or(Dim::Unknown), x.get(1)?.clone(), Dim::Fixed(h), Dim::Fixed(w)])
+    Some(vec![
+        n.unwrap_or(Dim::Unknown),
+        x.get(1)?.clone(),
+        Dim::Fixed(h),
+        Dim::Fixed(w),
+    ])
 }
 
 fn max_unpool(cx: &Cx) -> Option<Vec<Dim>> {
@@ -262,21 +339,34 @@ fn max_unpool(cx: &Cx) -> Option<Vec<Dim>> {
     let pads = win.pads.clone().unwrap_or(vec![0; 2 * nsp]);
     let mut out = vec![x[0].clone(), x[1].clone()];
     for i in 0..nsp {
-        out.push(map_fixed(&x[2 + i], |n| (n - 1) * win.strides[i] + win.kernel[i] - pads[i] - pads[i + nsp]));
+        out.push(map_fixed(&x[2 + i], |n| {
+            (n - 1) * win.strides[i] + win.kernel[i] - pads[i] - pads[i + nsp]
+        }));
     }
     Some(out)
 }
 
 fn layer_norm(cx: &Cx) -> Shapes {
-    let Some(x) = cx.shape(0) else { return vec![None; 3] };
-    let Some(axis) = norm_axis(cx.attr_i("axis", -1), x.len()) else { return vec![None; 3] };
-    let stat: Vec<Dim> = x.iter().enumerate().map(|(i, d)| if i < axis { d.clone() } else { Dim::Fixed(1) }).collect();
+    let Some(x) = cx.shape(0) else {
+        return vec![None; 3];
+    };
+    let Some(axis) = norm_axis(cx.attr_i("axis", -1), x.len()) else {
+        return vec![None; 3];
+    };
+    let stat: Vec<Dim> = x
+        .iter()
+        .enumerate()
+        .map(|(i, d)| if i < axis { d.clone() } else { Dim::Fixed(1) })
+        .collect();
     vec![Some(x.to_vec()), Some(stat.clone()), Some(stat)]
 }
 
 fn batch_norm(cx: &Cx) -> Shapes {
     let x = cx.shape(0).map(|s| s.to_vec());
-    let c = x.as_ref().and_then(|s| s.get(1).cloned()).or_else(|| cx.shape(1).and_then(|s| s.first().cloned()));
+    let c = x
+        .as_ref()
+        .and_then(|s| s.get(1).cloned())
+        .or_else(|| cx.shape(1).and_then(|s| s.first().cloned()));
     let stat = Some(vec![c.unwrap_or(Dim::Unknown)]);
     let mut out = vec![x];
     out.extend(std::iter::repeat_n(stat, cx.n_out().saturating_sub(1)));
@@ -291,7 +381,11 @@ fn round_half_up(v: f64) -> i64 {
 fn resize(cx: &Cx) -> Option<Vec<Dim>> {
     let x = cx.shape(0)?;
     let r = x.len();
-    let (scales_i, sizes_i) = if cx.opset < 11 { (1, usize::MAX) } else { (2, 3) };
+    let (scales_i, sizes_i) = if cx.opset < 11 {
+        (1, usize::MAX)
+    } else {
+        (2, 3)
+    };
     let axes: Vec<usize> = match cx.attr_ints("axes").filter(|_| cx.opset >= 18) {
         Some(a) => a.iter().map(|&v| norm_axis(v, r)).collect::<Option<_>>()?,
         None => (0..r).collect(),
@@ -333,7 +427,9 @@ fn resize(cx: &Cx) -> Option<Vec<Dim>> {
     if !present(scales_i) {
         return Some(vec![Dim::Unknown; r]);
     }
-    let Some(scales) = cx.const_floats(scales_i) else { return Some(vec![Dim::Unknown; r]) };
+    let Some(scales) = cx.const_floats(scales_i) else {
+        return Some(vec![Dim::Unknown; r]);
+    };
     if scales.len() != axes.len() {
         return None;
     }
@@ -358,30 +454,54 @@ fn upsample(cx: &Cx) -> Option<Vec<Dim>> {
     let scales: Option<Vec<f64>> = if cx.opset >= 9 {
         cx.const_floats(1)
     } else {
-        cx.attr_floats("scales").map(|v| v.iter().map(|&f| f as f64).collect())
+        cx.attr_floats("scales")
+            .map(|v| v.iter().map(|&f| f as f64).collect())
     };
     match scales {
-        Some(s) if s.len() == x.len() => Some(x.iter().zip(&s).map(|(d, &f)| scaled(d, f)).collect()),
+        Some(s) if s.len() == x.len() => {
+            Some(x.iter().zip(&s).map(|(d, &f)| scaled(d, f)).collect())
+        }
         _ => Some(vec![Dim::Unknown; x.len()]),
     }
 }
 
 fn rnn(cx: &Cx) -> Shapes {
     let n = cx.n_out();
-    let Some(x) = cx.shape(0).filter(|s| s.len() == 3) else { return vec![None; n] };
-    let layout = if cx.opset >= 14 { cx.attr_i("layout", 0) } else { 0 };
-    let (seq, batch) = if layout == 0 { (&x[0], &x[1]) } else { (&x[1], &x[0]) };
-    let nd = Dim::Fixed(if cx.attr_s("direction", "forward") == "bidirectional" { 2 } else { 1 });
+    let Some(x) = cx.shape(0).filter(|s| s.len() == 3) else {
+        return vec![None; n];
+    };
+    let layout = if cx.opset >= 14 {
+        cx.attr_i("layout", 0)
+    } else {
+        0
+    };
+    let (seq, batch) = if layout == 0 {
+        (&x[0], &x[1])
+    } else {
+        (&x[1], &x[0])
+    };
+    let nd = Dim::Fixed(if cx.attr_s("direction", "forward") == "bidirectional" {
+        2
+    } else {
+        1
+    });
     let hidden = match cx.attr_i_opt("hidden_size") {
         Some(h) => Dim::Fixed(h.max(0) as usize),
-        None => cx.shape(2).and_then(|r| r.get(2).cloned()).unwrap_or(Dim::Unknown),
+        None => cx
+            .shape(2)
+            .and_then(|r| r.get(2).cloned())
+            .unwrap_or(Dim::Unknown),
     };
     let y = if layout == 0 {
         vec![seq.clone(), nd.clone(), batch.clone(), hidden.clone()]
     } else {
         vec![batch.clone(), seq.clone(), nd.clone(), hidden.clone()]
     };
-    let state = if layout == 0 { vec![nd, batch.clone(), hidden] } else { vec![batch.clone(), nd, hidden] };
+    let state = if layout == 0 {
+        vec![nd, batch.clone(), hidden]
+    } else {
+        vec![batch.clone(), nd, hidden]
+    };
     let mut out = vec![Some(y)];
     out.extend(std::iter::repeat_n(Some(state), n.saturating_sub(1)));
     out
@@ -409,11 +529,19 @@ fn loss(cx: &Cx) -> Shapes {
 
 /// A fixed dim times / divided by a head count (Unknown unless exact).
 fn heads_mul(d: &Dim, h: i64) -> Dim {
-    if h > 0 { map_fixed(d, |v| v * h) } else { Dim::Unknown }
+    if h > 0 {
+        map_fixed(d, |v| v * h)
+    } else {
+        Dim::Unknown
+    }
 }
 
 fn heads_div(d: &Dim, h: i64) -> Dim {
-    if h > 0 { map_fixed(d, |v| if v % h == 0 { v / h } else { -1 }) } else { Dim::Unknown }
+    if h > 0 {
+        map_fixed(d, |v| if v % h == 0 { v / h } else { -1 })
+    } else {
+        Dim::Unknown
+    }
 }
 
 /// Q/K/V as [batch, heads, seq, head_size], whether given 4-D or 3-D ([batch, seq, heads*size]).
@@ -422,7 +550,11 @@ fn heads_view(s: &[Dim], heads: i64) -> Option<[Dim; 4]> {
         4 => Some([s[0].clone(), s[1].clone(), s[2].clone(), s[3].clone()]),
         3 => Some([
             s[0].clone(),
-            if heads > 0 { Dim::Fixed(heads as usize) } else { Dim::Unknown },
+            if heads > 0 {
+                Dim::Fixed(heads as usize)
+            } else {
+                Dim::Unknown
+            },
             s[1].clone(),
             heads_div(&s[2], heads),
         ]),
@@ -434,10 +566,14 @@ fn heads_view(s: &[Dim], heads: i64) -> Option<[Dim; 4]> {
 /// the optional QK product.
 fn attention(cx: &Cx) -> Shapes {
     let mut out = vec![None; cx.n_out()];
-    let (Some(q), Some(k), Some(v)) = (cx.shape(0), cx.shape(1), cx.shape(2)) else { return out };
+    let (Some(q), Some(k), Some(v)) = (cx.shape(0), cx.shape(1), cx.shape(2)) else {
+        return out;
+    };
     let qh = cx.attr_i("q_num_heads", 0);
     let kvh = cx.attr_i("kv_num_heads", 0);
-    let (Some(q4), Some(k4), Some(v4)) = (heads_view(q, qh), heads_view(k, kvh), heads_view(v, kvh)) else {
+    let (Some(q4), Some(k4), Some(v4)) =
+        (heads_view(q, qh), heads_view(k, kvh), heads_view(v, kvh))
+    else {
         return out;
     };
     let past_len = |i: usize| cx.shape(i).filter(|s| s.len() == 4).map(|s| s[2].clone());
@@ -453,8 +589,18 @@ fn attention(cx: &Cx) -> Shapes {
     };
     let shapes = [
         Some(y),
-        Some(vec![k4[0].clone(), k4[1].clone(), total.clone(), k4[3].clone()]),
-        Some(vec![v4[0].clone(), v4[1].clone(), total.clone(), v4[3].clone()]),
+        Some(vec![
+            k4[0].clone(),
+            k4[1].clone(),
+            total.clone(),
+            k4[3].clone(),
+        ]),
+        Some(vec![
+            v4[0].clone(),
+            v4[1].clone(),
+            total.clone(),
+            v4[3].clone(),
+        ]),
         Some(vec![q4[0].clone(), q4[1].clone(), q4[2].clone(), total]),
     ];
     for (o, s) in out.iter_mut().zip(shapes) {
@@ -484,14 +630,20 @@ fn dft(cx: &Cx) -> Option<Vec<Dim>> {
     let a = norm_axis(axis, r).filter(|&a| a < r - 1)?;
     let (onesided, inverse) = (cx.attr_i("onesided", 0) != 0, cx.attr_i("inverse", 0) != 0);
     let n = if cx.has(1) {
-        cx.const_ints(1).and_then(|v| v.first().copied()).map_or(Dim::Unknown, |n| Dim::Fixed(n.max(0) as usize))
+        cx.const_ints(1)
+            .and_then(|v| v.first().copied())
+            .map_or(Dim::Unknown, |n| Dim::Fixed(n.max(0) as usize))
     } else if onesided && inverse {
         Dim::Unknown
     } else {
         x[a].clone()
     };
     let mut out = x.to_vec();
-    out[a] = if onesided && !inverse { map_fixed(&n, |v| v / 2 + 1) } else { n };
+    out[a] = if onesided && !inverse {
+        map_fixed(&n, |v| v / 2 + 1)
+    } else {
+        n
+    };
     out[r - 1] = Dim::Fixed(if onesided && inverse { 1 } else { 2 });
     Some(out)
 }
@@ -502,15 +654,23 @@ fn stft(cx: &Cx) -> Option<Vec<Dim>> {
         return None;
     }
     let scalar = |i: usize| cx.const_ints(i).and_then(|v| v.first().copied());
-    let fl = scalar(3).or_else(|| cx.shape(2).and_then(|w| w.first()).and_then(fixed).map(|v| v as i64));
+    let fl = scalar(3).or_else(|| {
+        cx.shape(2)
+            .and_then(|w| w.first())
+            .and_then(fixed)
+            .map(|v| v as i64)
+    });
     let (frames, bins) = match (fl, scalar(1), fixed(&x[1])) {
-        (Some(fl), Some(step), Some(len)) if step > 0 && fl > 0 && len as i64 >= fl => {
-            (Dim::Fixed(((len as i64 - fl) / step + 1) as usize), Some(fl))
-        }
+        (Some(fl), Some(step), Some(len)) if step > 0 && fl > 0 && len as i64 >= fl => (
+            Dim::Fixed(((len as i64 - fl) / step + 1) as usize),
+            Some(fl),
+        ),
         (fl, _, _) => (Dim::Unknown, fl),
     };
     let onesided = cx.attr_i("onesided", 1) != 0;
-    let bins = bins.map_or(Dim::Unknown, |fl| Dim::Fixed(if onesided { fl / 2 + 1 } else { fl } as usize));
+    let bins = bins.map_or(Dim::Unknown, |fl| {
+        Dim::Fixed(if onesided { fl / 2 + 1 } else { fl } as usize)
+    });
     Some(vec![x[0].clone(), frames, bins, Dim::Fixed(2)])
 }
 
@@ -523,8 +683,19 @@ fn affine_grid(cx: &Cx) -> Option<Vec<Dim>> {
         },
     };
     match size.len() {
-        4 => Some(vec![size[0].clone(), size[2].clone(), size[3].clone(), Dim::Fixed(2)]),
-        5 => Some(vec![size[0].clone(), size[2].clone(), size[3].clone(), size[4].clone(), Dim::Fixed(3)]),
+        4 => Some(vec![
+            size[0].clone(),
+            size[2].clone(),
+            size[3].clone(),
+            Dim::Fixed(2),
+        ]),
+        5 => Some(vec![
+            size[0].clone(),
+            size[2].clone(),
+            size[3].clone(),
+            size[4].clone(),
+            Dim::Fixed(3),
+        ]),
         _ => None,
     }
 }

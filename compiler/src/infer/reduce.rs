@@ -36,9 +36,16 @@ fn reduce(cx: &Cx, axes_input_from: i64) -> Option<Vec<Dim>> {
         if cx.opset >= axes_input_from && cx.attr_i("noop_with_empty_axes", 0) != 0 {
             return Some(s.to_vec());
         }
-        return Some(if keep { vec![Dim::Fixed(1); s.len()] } else { vec![] });
+        return Some(if keep {
+            vec![Dim::Fixed(1); s.len()]
+        } else {
+            vec![]
+        });
     }
-    let axes: Vec<usize> = axes.iter().map(|&a| norm_axis(a, s.len())).collect::<Option<_>>()?;
+    let axes: Vec<usize> = axes
+        .iter()
+        .map(|&a| norm_axis(a, s.len()))
+        .collect::<Option<_>>()?;
     Some(reduced(s, &axes, keep))
 }
 

@@ -66,7 +66,9 @@ pub(crate) fn infer(cx: &Cx) -> Option<Vec<Type>> {
 
 fn split_to_sequence(cx: &Cx) -> Type {
     let dtype = cx.dtype(0);
-    let Some(s) = cx.shape(0) else { return Type::Tensor { dtype, shape: None } };
+    let Some(s) = cx.shape(0) else {
+        return Type::Tensor { dtype, shape: None };
+    };
     let Some(axis) = norm_axis(cx.attr_i("axis", 0), s.len()) else {
         return Type::Tensor { dtype, shape: None };
     };
@@ -78,13 +80,18 @@ fn split_to_sequence(cx: &Cx) -> Type {
     } else {
         shape.remove(axis);
     }
-    Type::Tensor { dtype, shape: Some(shape) }
+    Type::Tensor {
+        dtype,
+        shape: Some(shape),
+    }
 }
 
 fn concat_from_sequence(cx: &Cx) -> Type {
     let e = elem(cx.ty(0));
     let dtype = e.dtype();
-    let Some(s) = e.shape() else { return Type::Tensor { dtype, shape: None } };
+    let Some(s) = e.shape() else {
+        return Type::Tensor { dtype, shape: None };
+    };
     let new_axis = cx.attr_i("new_axis", 0) != 0;
     let rank = s.len() + new_axis as usize;
     let Some(axis) = norm_axis(cx.attr_i("axis", 0), rank) else {
@@ -96,5 +103,8 @@ fn concat_from_sequence(cx: &Cx) -> Type {
     } else {
         shape[axis] = Dim::Unknown;
     }
-    Type::Tensor { dtype, shape: Some(shape) }
+    Type::Tensor {
+        dtype,
+        shape: Some(shape),
+    }
 }

@@ -33,7 +33,9 @@ fn value(cx: &Cx) -> Option<Vec<SymInt>> {
         "Identity" | "Squeeze" | "Unsqueeze" | "Reshape" | "Flatten" => cx.sym_ints(0),
         "Cast" => {
             let to = cx.attr_dtype("to")?;
-            (to.is_int() && int_dtype(cx, 0)).then(|| cx.sym_ints(0)).flatten()
+            (to.is_int() && int_dtype(cx, 0))
+                .then(|| cx.sym_ints(0))
+                .flatten()
         }
         "Concat" => {
             let mut out = Vec::new();
@@ -48,7 +50,9 @@ fn value(cx: &Cx) -> Option<Vec<SymInt>> {
                 return None;
             }
             let idx = cx.const_ints(1)?;
-            idx.iter().map(|&i| norm_axis(i, data.len()).map(|i| data[i].clone())).collect()
+            idx.iter()
+                .map(|&i| norm_axis(i, data.len()).map(|i| data[i].clone()))
+                .collect()
         }
         "Slice" if cx.opset >= 10 => {
             let data = cx.sym_ints(0)?;
@@ -60,12 +64,24 @@ fn value(cx: &Cx) -> Option<Vec<SymInt>> {
             if cx.has(3) && cx.const_ints(3)?.first().is_none_or(|&a| a != 0 && a != -1) {
                 return None;
             }
-            let step = if cx.has(4) { *cx.const_ints(4)?.first()? } else { 1 };
+            let step = if cx.has(4) {
+                *cx.const_ints(4)?.first()?
+            } else {
+                1
+            };
             let n = data.len() as i64;
             let len = slice_len(n, start, end, step);
             let first = if start < 0 { start + n } else { start };
-            let first = if step > 0 { first.clamp(0, n) } else { first.clamp(0, n - 1) };
-            Some((0..len).map(|k| data[(first + k * step) as usize].clone()).collect())
+            let first = if step > 0 {
+                first.clamp(0, n)
+            } else {
+                first.clamp(0, n - 1)
+            };
+            Some(
+                (0..len)
+                    .map(|k| data[(first + k * step) as usize].clone())
+                    .collect(),
+            )
         }
         "Add" | "Sub" | "Mul" | "Div" | "Max" | "Min" if int_dtype(cx, 0) => {
             let (a, b) = (cx.sym_ints(0)?, cx.sym_ints(1)?);
@@ -78,14 +94,18 @@ fn value(cx: &Cx) -> Option<Vec<SymInt>> {
                 Some(AttrValue::Tensor(t)) => *t.to_i64_vec().ok()?.first()?,
                 _ => return None,
             };
-            (0..=MAX_LEN as i64).contains(&n).then(|| vec![SymInt::Int(fill); n as usize])
+            (0..=MAX_LEN as i64)
+                .contains(&n)
+                .then(|| vec![SymInt::Int(fill); n as usize])
         }
         "Equal" => {
             let (a, b) = (cx.sym_ints(0)?, cx.sym_ints(1)?);
             zip_broadcast(&a, &b, |x, y| match (x, y) {
                 (SymInt::Int(p), SymInt::Int(q)) => SymInt::Int((p == q) as i64),
                 // A dim is never negative.
-                (SymInt::Sym(_), SymInt::Int(q)) | (SymInt::Int(q), SymInt::Sym(_)) if *q < 0 => SymInt::Int(0),
+                (SymInt::Sym(_), SymInt::Int(q)) | (SymInt::Int(q), SymInt::Sym(_)) if *q < 0 => {
+                    SymInt::Int(0)
+                }
                 (SymInt::Sym(p), SymInt::Sym(q)) if p == q => SymInt::Int(1),
                 _ => SymInt::Unknown,
             })
@@ -93,7 +113,10 @@ fn value(cx: &Cx) -> Option<Vec<SymInt>> {
         "Where" => {
             let (c, a, b) = (cx.sym_ints(0)?, cx.sym_ints(1)?, cx.sym_ints(2)?);
             let n = c.len().max(a.len()).max(b.len());
-            if [c.len(), a.len(), b.len()].iter().any(|&l| l != n && l != 1) {
+            if [c.len(), a.len(), b.len()]
+                .iter()
+                .any(|&l| l != n && l != 1)
+            {
                 return None;
             }
             let pick = |v: &[SymInt], i: usize| v.get(if v.len() == 1 { 0 } else { i }).cloned();
@@ -105,13 +128,22 @@ fn value(cx: &Cx) -> Option<Vec<SymInt>> {
                 })
                 .collect()
         }
-        "Neg" => Some(cx.sym_ints(0)?.iter().map(|x| x.int().map_or(SymInt::Unknown, |v| SymInt::Int(-v))).collect()),
+        "Neg" => Some(
+            cx.sym_ints(0)?
+                .iter()
+                .map(|x| x.int().map_or(SymInt::Unknown, |v| SymInt::Int(-v)))
+                .collect(),
+        ),
         _ => None,
     }
 }
 
 /// Elementwise over two 1-D (or one-element) value lists.
-fn zip_broadcast(a: &[SymInt], b: &[SymInt], f: impl Fn(&SymInt, &SymInt) -> SymInt) -> Option<Vec<SymInt>> {
+fn zip_broadcast(
+    a: &[SymInt],
+    b: &[SymInt],
+    f: impl Fn(&SymInt, &SymInt) -> SymInt,
+) -> Option<Vec<SymInt>> {
     let n = a.len().max(b.len());
     if (a.len() != n && a.len() != 1) || (b.len() != n && b.len() != 1) {
         return None;

@@ -42,7 +42,10 @@ pub(crate) fn shapes(cx: &Cx) -> Option<Shapes> {
         "SpaceToDepth" => one(depth_space(cx, false)),
         "CenterCropPad" => one(center_crop_pad(cx)),
         "Einsum" => one(einsum(cx)),
-        "Det" => one(cx.shape(0).filter(|s| s.len() >= 2).map(|s| s[..s.len() - 2].to_vec())),
+        "Det" => one(cx
+            .shape(0)
+            .filter(|s| s.len() >= 2)
+            .map(|s| s[..s.len() - 2].to_vec())),
         _ => None,
     }
 }
@@ -77,7 +80,10 @@ fn axes_arg(cx: &Cx, name: &str, i: usize, input_from: i64) -> Option<Option<Vec
 
 fn reshape(cx: &Cx) -> Option<Vec<Dim>> {
     let target = if cx.opset < 5 {
-        cx.attr_ints("shape")?.iter().map(|&v| SymInt::Int(v)).collect()
+        cx.attr_ints("shape")?
+            .iter()
+            .map(|&v| SymInt::Int(v))
+            .collect()
     } else {
         match cx.sym_ints(1) {
             Some(t) => t,
@@ -90,7 +96,9 @@ fn reshape(cx: &Cx) -> Option<Vec<Dim>> {
     let mut infer_at = None;
     for (i, t) in target.iter().enumerate() {
         out.push(match t {
-            SymInt::Int(0) if !allowzero => inp.and_then(|s| s.get(i)).cloned().unwrap_or(Dim::Unknown),
+            SymInt::Int(0) if !allowzero => {
+                inp.and_then(|s| s.get(i)).cloned().unwrap_or(Dim::Unknown)
+            }
             SymInt::Int(-1) => {
                 infer_at = Some(i);
                 Dim::Unknown
@@ -101,8 +109,12 @@ fn reshape(cx: &Cx) -> Option<Vec<Dim>> {
         });
     }
     if let (Some(i), Some(inp)) = (infer_at, inp) {
-        let rest: Vec<Dim> =
-            out.iter().enumerate().filter(|&(k, _)| k != i).map(|(_, d)| d.clone()).collect();
+        let rest: Vec<Dim> = out
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| k != i)
+            .map(|(_, d)| d.clone())
+            .collect();
         out[i] = product(inp).div(&product(&rest));
     }
     Some(out)
@@ -111,7 +123,11 @@ fn reshape(cx: &Cx) -> Option<Vec<Dim>> {
 fn flatten(cx: &Cx) -> Option<Vec<Dim>> {
     let s = cx.shape(0)?;
     let axis = cx.attr_i("axis", 1);
-    let axis = if axis < 0 { axis + s.len() as i64 } else { axis };
+    let axis = if axis < 0 {
+        axis + s.len() as i64
+    } else {
+        axis
+    };
     if !(0..=s.len() as i64).contains(&axis) {
         return None;
     }
@@ -122,7 +138,10 @@ fn flatten(cx: &Cx) -> Option<Vec<Dim>> {
 fn transpose(cx: &Cx) -> Option<Vec<Dim>> {
     let s = cx.shape(0)?;
     match cx.attr_ints("perm") {
-        Some(p) => p.iter().map(|&a| norm_axis(a, s.len()).map(|a| s[a].clone())).collect(),
+        Some(p) => p
+            .iter()
+            .map(|&a| norm_axis(a, s.len()).map(|a| s[a].clone()))
+            .collect(),
         None => Some(s.iter().rev().cloned().collect()),
     }
 }
@@ -134,7 +153,13 @@ fn squeeze(cx: &Cx) -> Option<Vec<Dim>> {
         Some(axes) => {
             let axes: Option<Vec<usize>> = axes.iter().map(|&a| norm_axis(a, s.len())).collect();
             let axes = axes?;
-            Some(s.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| d.clone()).collect())
+            Some(
+                s.iter()
+                    .enumerate()
+                    .filter(|(i, _)| !axes.contains(i))
+                    .map(|(_, d)| d.clone())
+                    .collect(),
+            )
         }
         // Which dims are 1 is only known when every dim is.
         None if s.iter().all(|d| matches!(d, Dim::Fixed(_))) => {
@@ -148,11 +173,20 @@ fn unsqueeze(cx: &Cx) -> Option<Vec<Dim>> {
     let s = cx.shape(0)?;
     let axes = axes_arg(cx, "axes", 1, 13)??;
     let rank = s.len() + axes.len();
-    let mut axes: Vec<usize> = axes.iter().map(|&a| norm_axis(a, rank)).collect::<Option<_>>()?;
+    let mut axes: Vec<usize> = axes
+        .iter()
+        .map(|&a| norm_axis(a, rank))
+        .collect::<Option<_>>()?;
     axes.sort_unstable();
     let mut rest = s.iter();
     (0..rank)
-        .map(|i| if axes.contains(&i) { Some(Dim::Fixed(1)) } else { rest.next().cloned() })
+        .map(|i| {
+            if axes.contains(&i) {
+                Some(Dim::Fixed(1))
+            } else {
+                rest.next().cloned()
+            }
+        })
         .collect()
 }
 
@@ -170,7 +204,10 @@ fn concat(cx: &Cx) -> Option<Vec<Dim>> {
                 if d == axis {
                     sum_dims(&shapes.iter().map(|s| &s[d]).collect::<Vec<_>>())
                 } else {
-                    shapes.iter().skip(1).fold(first[d].clone(), |acc, s| same_dim(&acc, &s[d]))
+                    shapes
+                        .iter()
+                        .skip(1)
+                        .fold(first[d].clone(), |acc, s| same_dim(&acc, &s[d]))
                 }
             })
             .collect(),
@@ -179,8 +216,12 @@ fn concat(cx: &Cx) -> Option<Vec<Dim>> {
 
 fn split(cx: &Cx) -> Shapes {
     let n = cx.n_out();
-    let Some(s) = cx.shape(0) else { return vec![None; n] };
-    let Some(axis) = norm_axis(cx.attr_i("axis", 0), s.len()) else { return vec![None; n] };
+    let Some(s) = cx.shape(0) else {
+        return vec![None; n];
+    };
+    let Some(axis) = norm_axis(cx.attr_i("axis", 0), s.len()) else {
+        return vec![None; n];
+    };
     let with = |d: Dim| {
         let mut o = s.to_vec();
         o[axis] = d;
@@ -199,10 +240,24 @@ fn split(cx: &Cx) -> Shapes {
         cx.attr_ints("split").map(|v| v.to_vec())
     };
     if let Some(sizes) = sizes {
-        return (0..n).map(|k| with(sizes.get(k).map_or(Dim::Unknown, |&v| Dim::Fixed(v.max(0) as usize)))).collect();
+        return (0..n)
+            .map(|k| {
+                with(
+                    sizes
+                        .get(k)
+                        .map_or(Dim::Unknown, |&v| Dim::Fixed(v.max(0) as usize)),
+                )
+            })
+            .collect();
     }
-    let Dim::Fixed(total) = s[axis] else { return vec![with(Dim::Unknown); n] };
-    let parts = if cx.opset >= 18 { cx.attr_i("num_outputs", n as i64).max(1) as usize } else { n };
+    let Dim::Fixed(total) = s[axis] else {
+        return vec![with(Dim::Unknown); n];
+    };
+    let parts = if cx.opset >= 18 {
+        cx.attr_i("num_outputs", n as i64).max(1) as usize
+    } else {
+        n
+    };
     let chunk = total.div_ceil(parts.max(1));
     (0..n)
         .map(|k| {
@@ -245,18 +300,38 @@ pub(crate) fn slice_len(d: i64, start: i64, end: i64, step: i64) -> i64 {
 fn slice(cx: &Cx) -> Option<Vec<Dim>> {
     let s = cx.shape(0)?;
     let (starts, ends, axes, steps) = if cx.opset < 10 {
-        let get = |n: &str| cx.attr_ints(n).map(|v| v.iter().map(|&x| SymInt::Int(x)).collect::<Vec<_>>());
-        (get("starts"), get("ends"), cx.attr_ints("axes").map(|v| v.to_vec()), None)
+        let get = |n: &str| {
+            cx.attr_ints(n)
+                .map(|v| v.iter().map(|&x| SymInt::Int(x)).collect::<Vec<_>>())
+        };
+        (
+            get("starts"),
+            get("ends"),
+            cx.attr_ints("axes").map(|v| v.to_vec()),
+            None,
+        )
     } else {
         let unknown = |i: usize| cx.has(i) && cx.const_ints(i).is_none();
         if unknown(3) || unknown(4) {
             return Some(vec![Dim::Unknown; s.len()]);
         }
-        (cx.sym_ints(1), cx.sym_ints(2), cx.const_ints(3), cx.const_ints(4))
+        (
+            cx.sym_ints(1),
+            cx.sym_ints(2),
+            cx.const_ints(3),
+            cx.const_ints(4),
+        )
     };
     let axes: Vec<usize> = match &axes {
-        Some(a) => a.iter().map(|&x| norm_axis(x, s.len())).collect::<Option<_>>()?,
-        None => (0..starts.as_ref().or(ends.as_ref()).map_or(s.len(), |v| v.len())).collect(),
+        Some(a) => a
+            .iter()
+            .map(|&x| norm_axis(x, s.len()))
+            .collect::<Option<_>>()?,
+        None => (0..starts
+            .as_ref()
+            .or(ends.as_ref())
+            .map_or(s.len(), |v| v.len()))
+            .collect(),
     };
     let mut out = s.to_vec();
     let (Some(starts), Some(ends)) = (starts, ends) else {
@@ -290,13 +365,22 @@ fn slice(cx: &Cx) -> Option<Vec<Dim>> {
 fn gather(cx: &Cx) -> Option<Vec<Dim>> {
     let (data, idx) = (cx.shape(0)?, cx.shape(1)?);
     let axis = norm_axis(cx.attr_i("axis", 0), data.len())?;
-    Some(data[..axis].iter().chain(idx).chain(&data[axis + 1..]).cloned().collect())
+    Some(
+        data[..axis]
+            .iter()
+            .chain(idx)
+            .chain(&data[axis + 1..])
+            .cloned()
+            .collect(),
+    )
 }
 
 fn gather_nd(cx: &Cx) -> Option<Vec<Dim>> {
     let (data, idx) = (cx.shape(0)?, cx.shape(1)?);
     let b = cx.attr_i("batch_dims", 0).max(0) as usize;
-    let Dim::Fixed(q) = idx.last()? else { return None };
+    let Dim::Fixed(q) = idx.last()? else {
+        return None;
+    };
     let tail = data.get(b + q..)?;
     Some(idx[..idx.len() - 1].iter().chain(tail).cloned().collect())
 }
@@ -326,10 +410,18 @@ fn expand(cx: &Cx) -> Option<Vec<Dim>> {
 
 fn tile(cx: &Cx) -> Option<Vec<Dim>> {
     let s = cx.shape(0)?;
-    let Some(reps) = cx.const_ints(1) else { return Some(vec![Dim::Unknown; s.len()]) };
+    let Some(reps) = cx.const_ints(1) else {
+        return Some(vec![Dim::Unknown; s.len()]);
+    };
     s.iter()
         .zip(reps.iter().chain(std::iter::repeat(&1)))
-        .map(|(d, &r)| Some(if r == 1 { d.clone() } else { map_fixed(d, |n| n * r) }))
+        .map(|(d, &r)| {
+            Some(if r == 1 {
+                d.clone()
+            } else {
+                map_fixed(d, |n| n * r)
+            })
+        })
         .collect()
 }
 
@@ -338,12 +430,19 @@ fn pad(cx: &Cx) -> Option<Vec<Dim>> {
     let pads = if cx.opset >= 11 {
         cx.const_ints(1)
     } else {
-        cx.attr_ints("pads").or(cx.attr_ints("paddings")).map(|v| v.to_vec())
+        cx.attr_ints("pads")
+            .or(cx.attr_ints("paddings"))
+            .map(|v| v.to_vec())
     };
-    let Some(pads) = pads else { return Some(vec![Dim::Unknown; s.len()]) };
+    let Some(pads) = pads else {
+        return Some(vec![Dim::Unknown; s.len()]);
+    };
     let axes: Vec<usize> = if cx.opset >= 18 && cx.has(3) {
         match cx.const_ints(3) {
-            Some(a) => a.iter().map(|&x| norm_axis(x, s.len())).collect::<Option<_>>()?,
+            Some(a) => a
+                .iter()
+                .map(|&x| norm_axis(x, s.len()))
+                .collect::<Option<_>>()?,
             None => return Some(vec![Dim::Unknown; s.len()]),
         }
     } else {
@@ -413,7 +512,9 @@ fn top_k(cx: &Cx) -> Option<Vec<Dim>> {
 }
 
 fn compress(cx: &Cx) -> Option<Vec<Dim>> {
-    let count = cx.const_ints(1).map(|v| v.iter().filter(|&&x| x != 0).count());
+    let count = cx
+        .const_ints(1)
+        .map(|v| v.iter().filter(|&&x| x != 0).count());
     let count = count.map_or(Dim::Unknown, Dim::Fixed);
     match cx.attr_i_opt("axis") {
         Some(a) => {
@@ -444,7 +545,12 @@ fn unique(cx: &Cx) -> Shapes {
         (None, Some(s)) => Some(vec![prod_dim(s)]),
         _ => Some(vec![Dim::Unknown]),
     };
-    vec![y, Some(vec![Dim::Unknown]), inverse, Some(vec![Dim::Unknown])]
+    vec![
+        y,
+        Some(vec![Dim::Unknown]),
+        inverse,
+        Some(vec![Dim::Unknown]),
+    ]
 }
 
 fn depth_space(cx: &Cx, to_space: bool) -> Option<Vec<Dim>> {
@@ -459,10 +565,20 @@ fn depth_space(cx: &Cx, to_space: bool) -> Option<Vec<Dim>> {
     let bb = b * b;
     Some(if to_space {
         let c = map_fixed(&s[1], |c| if c % bb == 0 { c / bb } else { -1 });
-        vec![s[0].clone(), c, map_fixed(&s[2], |x| x * b), map_fixed(&s[3], |x| x * b)]
+        vec![
+            s[0].clone(),
+            c,
+            map_fixed(&s[2], |x| x * b),
+            map_fixed(&s[3], |x| x * b),
+        ]
     } else {
         let c = map_fixed(&s[1], |c| c * bb);
-        vec![s[0].clone(), c, map_fixed(&s[2], |x| x / b), map_fixed(&s[3], |x| x / b)]
+        vec![
+            s[0].clone(),
+            c,
+            map_fixed(&s[2], |x| x / b),
+            map_fixed(&s[3], |x| x / b),
+        ]
     })
 }
 
@@ -470,12 +586,18 @@ fn center_crop_pad(cx: &Cx) -> Option<Vec<Dim>> {
     let s = cx.shape(0)?;
     let sizes = cx.const_ints(1);
     let axes: Vec<usize> = match cx.attr_ints("axes") {
-        Some(a) => a.iter().map(|&x| norm_axis(x, s.len())).collect::<Option<_>>()?,
+        Some(a) => a
+            .iter()
+            .map(|&x| norm_axis(x, s.len()))
+            .collect::<Option<_>>()?,
         None => (0..s.len()).collect(),
     };
     let mut out = s.to_vec();
     for (k, &a) in axes.iter().enumerate() {
-        out[a] = sizes.as_ref().and_then(|v| v.get(k)).map_or(Dim::Unknown, |&n| Dim::Fixed(n.max(0) as usize));
+        out[a] = sizes
+            .as_ref()
+            .and_then(|v| v.get(k))
+            .map_or(Dim::Unknown, |&n| Dim::Fixed(n.max(0) as usize));
     }
     Some(out)
 }
@@ -518,7 +640,13 @@ fn einsum(cx: &Cx) -> Option<Vec<Dim>> {
                 Some(c) => {
                     let d = &s[pos];
                     match label_dims.iter_mut().find(|(k, _)| k == c) {
-                        Some((_, old)) => *old = if *d == Dim::Fixed(1) { old.clone() } else { same_dim(old, d) },
+                        Some((_, old)) => {
+                            *old = if *d == Dim::Fixed(1) {
+                                old.clone()
+                            } else {
+                                same_dim(old, d)
+                            }
+                        }
                         None => label_dims.push((*c, d.clone())),
                     }
                     pos += 1;
@@ -540,7 +668,11 @@ fn einsum(cx: &Cx) -> Option<Vec<Dim>> {
                 .filter(|c| terms.iter().flatten().filter(|l| **l == Some(*c)).count() == 1)
                 .collect();
             once.sort_unstable();
-            let mut t = if ellipsis.is_empty() { vec![] } else { vec![None] };
+            let mut t = if ellipsis.is_empty() {
+                vec![]
+            } else {
+                vec![None]
+            };
             t.extend(once.into_iter().map(Some));
             t
         }

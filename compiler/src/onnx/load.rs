@@ -26,8 +26,9 @@ fn invalid(msg: impl Into<String>) -> Error {
 
 /// The file's bytes, memory-mapped and owned by the returned `Bytes` (slices share the map).
 pub fn map_file(path: &Path) -> Result<Bytes> {
-    let file = File::open(path)
-        .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))))?;
+    let file = File::open(path).map_err(|e| {
+        Error::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    })?;
     let len = file.metadata()?.len();
     if len == 0 {
         return Ok(Bytes::new());
@@ -138,9 +139,9 @@ impl ExternalStore {
 }
 
 fn parse_u64(tensor: &str, key: &str, v: &str) -> Result<u64> {
-    v.trim()
-        .parse()
-        .map_err(|_| invalid(format!("tensor '{tensor}': external data {key} '{v}' is not a number")))
+    v.trim().parse().map_err(|_| {
+        invalid(format!("tensor '{tensor}': external data {key} '{v}' is not a number"))
+    })
 }
 
 /// `dir/location`, canonicalized, if it is a regular file inside `dir`.
@@ -252,7 +253,11 @@ fn store_beside(path: &Path) -> ExternalStore {
 }
 
 /// A SequenceProto as a runtime sequence value (sequences of tensors only).
-pub fn sequence_value(s: &SequenceProto, dtype: Option<DType>, ext: &ExternalStore) -> Result<Value> {
+pub fn sequence_value(
+    s: &SequenceProto,
+    dtype: Option<DType>,
+    ext: &ExternalStore,
+) -> Result<Value> {
     let kind = ValueKind::try_from(s.elem_type).unwrap_or(ValueKind::Undefined);
     let mut items = Vec::new();
     match kind {
@@ -266,7 +271,8 @@ pub fn sequence_value(s: &SequenceProto, dtype: Option<DType>, ext: &ExternalSto
                 items.push(sparse_to_tensor(t, ext)?);
             }
         }
-        ValueKind::Undefined if s.tensor_values.is_empty() && s.sparse_tensor_values.is_empty() => {}
+        ValueKind::Undefined if s.tensor_values.is_empty() && s.sparse_tensor_values.is_empty() => {
+        }
         other => {
             return Err(Error::Other(format!(
                 "sequence '{}' of {other:?} elements is not supported (only tensors)",
@@ -286,14 +292,17 @@ pub fn sequence_value(s: &SequenceProto, dtype: Option<DType>, ext: &ExternalSto
 }
 
 /// An OptionalProto as a runtime optional value.
-pub fn optional_value(o: &OptionalProto, elem: Option<&Type>, ext: &ExternalStore) -> Result<Value> {
+pub fn optional_value(
+    o: &OptionalProto,
+    elem: Option<&Type>,
+    ext: &ExternalStore,
+) -> Result<Value> {
     let kind = ValueKind::try_from(o.elem_type).unwrap_or(ValueKind::Undefined);
     let inner = match kind {
         ValueKind::Tensor => o.tensor_value.as_ref().map(|t| to_tensor(t, ext).map(Value::Tensor)),
-        ValueKind::SparseTensor => o
-            .sparse_tensor_value
-            .as_ref()
-            .map(|t| sparse_to_tensor(t, ext).map(Value::Tensor)),
+        ValueKind::SparseTensor => {
+            o.sparse_tensor_value.as_ref().map(|t| sparse_to_tensor(t, ext).map(Value::Tensor))
+        }
         ValueKind::Sequence => o.sequence_value.as_ref().map(|s| {
             let hint = match elem {
                 Some(Type::Sequence(e)) => e.dtype(),
@@ -325,7 +334,11 @@ mod tests {
     fn model_with(init: TensorProto) -> ModelProto {
         ModelProto {
             ir_version: 8,
-            graph: Some(GraphProto { name: "g".into(), initializer: vec![init], ..Default::default() }),
+            graph: Some(GraphProto {
+                name: "g".into(),
+                initializer: vec![init],
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -349,7 +362,10 @@ mod tests {
         assert!(range.contains(&(raw.as_ptr() as usize)), "raw_data must point into the map");
         let (_, sha) = read_model(&path).unwrap();
         assert_eq!(sha, sha256_hex(&bytes));
-        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
@@ -381,7 +397,8 @@ mod tests {
     }
 
     fn external(location: &str, offset: Option<u64>, length: Option<u64>) -> TensorProto {
-        let mut entries = vec![StringStringEntryProto { key: "location".into(), value: location.into() }];
+        let mut entries =
+            vec![StringStringEntryProto { key: "location".into(), value: location.into() }];
         if let Some(o) = offset {
             entries.push(StringStringEntryProto { key: "offset".into(), value: o.to_string() });
         }
@@ -440,7 +457,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = Tensor::from_vec(&[2], vec![1i64, 2]).unwrap();
         let p = write(dir.path(), "t.pb", &from_tensor(&t, "x").unwrap().encode_to_vec());
-        assert!(matches!(read_value_file(&p).unwrap(), Value::Tensor(t) if t.to_i64_vec().unwrap() == [1, 2]));
+        assert!(
+            matches!(read_value_file(&p).unwrap(), Value::Tensor(t) if t.to_i64_vec().unwrap() == [1, 2])
+        );
 
         let seq = SequenceProto {
             elem_type: ValueKind::Tensor as i32,
@@ -448,7 +467,9 @@ mod tests {
             ..Default::default()
         };
         let p = write(dir.path(), "s.pb", &seq.encode_to_vec());
-        assert!(matches!(read_value_file(&p).unwrap(), Value::Sequence(DType::I64, v) if v.len() == 2));
+        assert!(
+            matches!(read_value_file(&p).unwrap(), Value::Sequence(DType::I64, v) if v.len() == 2)
+        );
 
         let opt = OptionalProto {
             elem_type: ValueKind::Tensor as i32,
@@ -466,6 +487,8 @@ mod tests {
         let empty_seq = SequenceProto { elem_type: 1, ..Default::default() };
         let p = write(dir.path(), "es.pb", &empty_seq.encode_to_vec());
         let ty = Type::Sequence(Box::new(Type::Tensor { dtype: Some(DType::I32), shape: None }));
-        assert!(matches!(decode_value_file(&p, &ty).unwrap(), Value::Sequence(DType::I32, v) if v.is_empty()));
+        assert!(
+            matches!(decode_value_file(&p, &ty).unwrap(), Value::Sequence(DType::I32, v) if v.is_empty())
+        );
     }
 }

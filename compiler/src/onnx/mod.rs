@@ -6,5 +6,8 @@ pub mod load;
 pub mod proto;
 pub mod tensor;
 
-pub use load::{decode_tensor_file, decode_value_file, read_model, read_value_file, read_value_file_for, ExternalStore};
+pub use load::{
+    decode_tensor_file, decode_value_file, read_model, read_value_file, read_value_file_for,
+    ExternalStore,
+};
 pub use proto::*;

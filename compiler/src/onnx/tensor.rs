@@ -24,7 +24,11 @@ fn invalid(msg: impl Into<String>) -> Error {
 }
 
 fn label(t: &TensorProto) -> String {
-    if t.name.is_empty() { "<unnamed>".into() } else { t.name.clone() }
+    if t.name.is_empty() {
+        "<unnamed>".into()
+    } else {
+        t.name.clone()
+    }
 }
 
 /// The dtype of an ONNX element-type code, with a clear error for codes kiln does not support.
@@ -42,7 +46,8 @@ pub fn shape_of(dims: &[i64], what: &str) -> Result<(Vec<usize>, usize)> {
     let mut shape = Vec::with_capacity(dims.len());
     let mut n: usize = 1;
     for &d in dims {
-        let d = usize::try_from(d).map_err(|_| invalid(format!("{what} has a negative dim {d}")))?;
+        let d =
+            usize::try_from(d).map_err(|_| invalid(format!("{what} has a negative dim {d}")))?;
         n = n.checked_mul(d).ok_or_else(|| invalid(format!("{what}: shape {dims:?} overflows")))?;
         shape.push(d);
     }
@@ -123,7 +128,12 @@ fn elem_align(dtype: DType) -> usize {
 }
 
 /// Unpack 4-bit elements (first in the low nibble) into one byte each; int4 is sign-extended.
-fn unpack4(dtype: DType, shape: &[usize], n: usize, packed: impl Iterator<Item = u8>) -> Result<Tensor> {
+fn unpack4(
+    dtype: DType,
+    shape: &[usize],
+    n: usize,
+    packed: impl Iterator<Item = u8>,
+) -> Result<Tensor> {
     let mut out = Vec::with_capacity(n + 1);
     for b in packed {
         out.push(b & 0x0f);
@@ -149,7 +159,13 @@ fn typed<T: Elem>(dtype: DType, shape: &[usize], v: Vec<T>) -> Result<Tensor> {
     Tensor::from_slice_as(dtype, shape, &v)
 }
 
-fn from_typed(t: &TensorProto, dtype: DType, shape: &[usize], n: usize, what: &str) -> Result<Tensor> {
+fn from_typed(
+    t: &TensorProto,
+    dtype: DType,
+    shape: &[usize],
+    n: usize,
+    what: &str,
+) -> Result<Tensor> {
     use DType::*;
     let no_data = t.float_data.is_empty()
         && t.int32_data.is_empty()
@@ -246,10 +262,8 @@ pub fn from_tensor(t: &Tensor, name: &str) -> Result<TensorProto> {
         p.string_data = t.strings()?.iter().map(|s| s.as_bytes().to_vec()).collect();
     } else if is_packed4(t.dtype()) {
         let b = t.bytes();
-        let packed: Vec<u8> = b
-            .chunks(2)
-            .map(|c| (c[0] & 0x0f) | (c.get(1).copied().unwrap_or(0) << 4))
-            .collect();
+        let packed: Vec<u8> =
+            b.chunks(2).map(|c| (c[0] & 0x0f) | (c.get(1).copied().unwrap_or(0) << 4)).collect();
         p.raw_data = Bytes::from(packed);
     } else {
         p.raw_data = Bytes::copy_from_slice(t.bytes());
@@ -317,7 +331,11 @@ mod tests {
         let root = std::env::var_os("KILN_CACHE")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln")))?;
-        let p = root.join("onnx-1.22.0/onnx/backend/test/data/node").join(case).join("test_data_set_0").join(file);
+        let p = root
+            .join("onnx-1.22.0/onnx/backend/test/data/node")
+            .join(case)
+            .join("test_data_set_0")
+            .join(file);
         if p.exists() {
             Some(p)
         } else {
@@ -372,7 +390,10 @@ mod tests {
         let t = load("test_dequantizelinear_uint4", "input_0.pb").unwrap();
         assert_eq!(t.view::<u8>().unwrap(), &[0, 1, 7, 10, 15]);
         let t = load("test_dequantizelinear_e4m3fn", "input_0.pb").unwrap();
-        assert_eq!((t.dtype(), t.view::<u8>().unwrap()), (DType::F8E4M3FN, &[0, 48, 56, 126, 237][..]));
+        assert_eq!(
+            (t.dtype(), t.view::<u8>().unwrap()),
+            (DType::F8E4M3FN, &[0, 48, 56, 126, 237][..])
+        );
         let t = load("test_quantizelinear_blocked_symmetric", "output_0.pb").unwrap();
         assert_eq!(&t.view::<i16>().unwrap()[..4], &[4, -5, -4, 2]);
         let t = load("test_ai_onnx_ml_label_encoder_string_int", "input_0.pb").unwrap();
@@ -382,7 +403,12 @@ mod tests {
     }
 
     fn proto(dtype: DType, dims: &[i64]) -> TensorProto {
-        TensorProto { data_type: dtype.onnx_code(), dims: dims.to_vec(), name: "t".into(), ..Default::default() }
+        TensorProto {
+            data_type: dtype.onnx_code(),
+            dims: dims.to_vec(),
+            name: "t".into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -479,13 +505,21 @@ mod tests {
         // Linear indices.
         let mut idx = proto(DType::I64, &[2]);
         idx.int64_data = vec![1, 5];
-        let sp = SparseTensorProto { values: Some(values.clone()), indices: Some(idx), dims: vec![2, 3] };
+        let sp = SparseTensorProto {
+            values: Some(values.clone()),
+            indices: Some(idx),
+            dims: vec![2, 3],
+        };
         let t = sparse_to_tensor(&sp, &ExternalStore::none()).unwrap();
         assert_eq!(t.view::<f32>().unwrap(), &[0.0, 5.0, 0.0, 0.0, 0.0, 6.0]);
         // Coordinate indices.
         let mut idx = proto(DType::I64, &[2, 2]);
         idx.int64_data = vec![0, 2, 1, 0];
-        let sp = SparseTensorProto { values: Some(values.clone()), indices: Some(idx), dims: vec![2, 3] };
+        let sp = SparseTensorProto {
+            values: Some(values.clone()),
+            indices: Some(idx),
+            dims: vec![2, 3],
+        };
         let t = sparse_to_tensor(&sp, &ExternalStore::none()).unwrap();
         assert_eq!(t.view::<f32>().unwrap(), &[0.0, 0.0, 5.0, 6.0, 0.0, 0.0]);
         // Out of range.

@@ -21,7 +21,10 @@ pub fn f32t(dims: &[Dim]) -> Type {
 }
 
 pub fn attr(name: &str, value: AttrValue) -> Attribute {
-    Attribute { name: name.to_string(), value }
+    Attribute {
+        name: name.to_string(),
+        value,
+    }
 }
 
 pub fn ints(name: &str, v: &[i64]) -> Attribute {
@@ -55,7 +58,10 @@ pub fn node_v(
     outs: &[&str],
     attrs: Vec<Attribute>,
 ) -> Vec<ValueId> {
-    let outputs: Vec<ValueId> = outs.iter().map(|n| g.add_value(*n, Type::Unknown)).collect();
+    let outputs: Vec<ValueId> = outs
+        .iter()
+        .map(|n| g.add_value(*n, Type::Unknown))
+        .collect();
     g.nodes.push(Node {
         name: format!("{}_{}", op.to_lowercase(), g.nodes.len()),
         op: op.to_string(),
@@ -69,15 +75,32 @@ pub fn node_v(
 }
 
 /// `node_v` with every input present and a single output.
-pub fn node1(g: &mut Graph, op: &str, opset: i64, inputs: &[ValueId], out: &str, attrs: Vec<Attribute>) -> ValueId {
+pub fn node1(
+    g: &mut Graph,
+    op: &str,
+    opset: i64,
+    inputs: &[ValueId],
+    out: &str,
+    attrs: Vec<Attribute>,
+) -> ValueId {
     let ins: Vec<Option<ValueId>> = inputs.iter().map(|&v| Some(v)).collect();
     node_v(g, op, opset, &ins, &[out], attrs)[0]
 }
 
 pub fn model(g: Graph, opset: i64) -> Model {
-    Model { graph: g, opsets: vec![(String::new(), opset)], ir_version: 8, ..Default::default() }
+    Model {
+        graph: g,
+        opsets: vec![(String::new(), opset)],
+        ir_version: 8,
+        ..Default::default()
+    }
 }
 
 pub fn value_type(m: &Model, name: &str) -> Type {
-    m.graph.values.iter().find(|v| v.name == name).map(|v| v.ty.clone()).unwrap_or_else(|| panic!("no value {name}"))
+    m.graph
+        .values
+        .iter()
+        .find(|v| v.name == name)
+        .map(|v| v.ty.clone())
+        .unwrap_or_else(|| panic!("no value {name}"))
 }

@@ -722,7 +722,7 @@ mod tests {
                 }
                 assert_eq!(f8_encode(v as f64, &f, false), c, "{dt} code {c:#x} = {v}");
                 // Halfway to the next code up rounds to the even one of the two.
-                let next = f8_decode(c + 1, &f);
+                let next = f8_decode(c.wrapping_add(1), &f);
                 if c as u16 + 1 < n && v >= 0.0 && next.is_finite() && next > v {
                     let mid = (v as f64 + next as f64) / 2.0;
                     let even = if c % 2 == 0 { c } else { c + 1 };

@@ -253,7 +253,8 @@ fn depthwise<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], y: &mut [T]) {
                             let first = src + vw.0 * s2 + kw * g.dilation[2] - g.pad[2];
                             let dst = &mut yp[(od * oh + ohh) * ow + vw.0..(od * oh + ohh) * ow + vw.1];
                             if s2 == 1 {
-                                for (o, &v) in dst.iter_mut().zip(&xc[first..first + dst.len()]) {
+                                let len = dst.len();
+                                for (o, &v) in dst.iter_mut().zip(&xc[first..first + len]) {
                                     *o = o.add(wv.mul(v));
                                 }
                             } else {

@@ -18,6 +18,12 @@ pub fn register(r: &mut Registry) {
     r.add("NegativeLogLikelihoodLoss", nll_loss);
     r.add("SoftmaxCrossEntropyLoss", softmax_cross_entropy_loss);
     r.add("Det", det);
+    r.add("DFT", dft);
+    r.add("STFT", stft);
+    r.add("HannWindow", hann_window);
+    r.add("HammingWindow", hamming_window);
+    r.add("BlackmanWindow", blackman_window);
+    r.add("MelWeightMatrix", mel_weight_matrix);
 }
 
 /// Any float tensor as f32 values.
@@ -408,16 +414,10 @@ fn dropout(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     if !(0.0..1.0).contains(&ratio) {
         return Err(Error::Other(format!("dropout ratio {ratio} is outside [0, 1)")));
     }
-    // Training mode: a seeded xorshift stream (results cannot match other runtimes' generators).
-    let mut state: u64 = ctx.attr_i("seed", 0x5DEECE66D) as u64 | 1;
-    let keep: Vec<bool> = (0..x.len())
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 11) as f64 / (1u64 << 53) as f64) >= ratio
-        })
-        .collect();
+    // Training mode: numpy's RandomState(seed).uniform stream, so seeded results match the
+    // reference implementation.
+    let mut rng = Mt19937::new(ctx.attr_i("seed", 0) as u32);
+    let keep: Vec<bool> = (0..x.len()).map(|_| rng.next_f64() >= ratio).collect();
     let scale = 1.0 / (1.0 - ratio);
     let xv = x.to_f64_vec()?;
     let yv: Vec<f64> = xv.iter().zip(&keep).map(|(&v, &k)| if k { v * scale } else { 0.0 }).collect();
@@ -425,6 +425,50 @@ fn dropout(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         real_tensor::<R>(x.dtype(), x.shape(), yv.iter().map(|&v| <R as crate::cpu::util::Real>::from_f64(v)).collect())?
     });
     Ok(vec![y, Tensor::from_vec(x.shape(), keep)?])
+}
+
+/// The MT19937 generator as numpy's legacy RandomState seeds and samples it.
+struct Mt19937 {
+    mt: [u32; 624],
+    idx: usize,
+}
+
+impl Mt19937 {
+    fn new(seed: u32) -> Mt19937 {
+        let mut mt = [0u32; 624];
+        mt[0] = seed;
+        for i in 1..624 {
+            mt[i] = 1812433253u32.wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30)).wrapping_add(i as u32);
+        }
+        Mt19937 { mt, idx: 624 }
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        if self.idx >= 624 {
+            for i in 0..624 {
+                let y = (self.mt[i] & 0x8000_0000) | (self.mt[(i + 1) % 624] & 0x7FFF_FFFF);
+                let mut v = self.mt[(i + 397) % 624] ^ (y >> 1);
+                if y & 1 != 0 {
+                    v ^= 0x9908_B0DF;
+                }
+                self.mt[i] = v;
+            }
+            self.idx = 0;
+        }
+        let mut y = self.mt[self.idx];
+        self.idx += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9D2C_5680;
+        y ^= (y << 15) & 0xEFC6_0000;
+        y ^ (y >> 18)
+    }
+
+    /// A uniform double in [0, 1) with 53 random bits (numpy's random_sample).
+    fn next_f64(&mut self) -> f64 {
+        let a = (self.next_u32() >> 5) as f64;
+        let b = (self.next_u32() >> 6) as f64;
+        (a * 67108864.0 + b) / 9007199254740992.0
+    }
 }
 
 /// A tensor of ones shaped and typed like `x` (numeric dtypes).
@@ -683,4 +727,314 @@ fn det(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let out: Vec<f64> = v.chunks(n * n).map(|m| det_of(m.to_vec(), n)).collect();
     let out = if n == 0 { vec![1.0; s[..r - 2].iter().product()] } else { out };
     Ok(vec![f64_tensor(x.dtype(), &s[..r - 2], out)?])
+}
+
+// ---------------------------------------------------------------------------------------------
+// DFT / STFT
+// ---------------------------------------------------------------------------------------------
+
+/// A complex transform of one fixed length: radix-2 FFT for powers of two, otherwise a direct
+/// DFT over a shared twiddle table.
+struct Dft {
+    n: usize,
+    /// e^{-2πik/n} (forward) or e^{+2πik/n} (inverse), k in 0..n.
+    tw: Vec<(f64, f64)>,
+}
+
+impl Dft {
+    fn new(n: usize, inverse: bool) -> Dft {
+        let sign = if inverse { 1.0 } else { -1.0 };
+        let tw = (0..n)
+            .map(|k| {
+                let a = sign * 2.0 * std::f64::consts::PI * k as f64 / n as f64;
+                (a.cos(), a.sin())
+            })
+            .collect();
+        Dft { n, tw }
+    }
+
+    /// Transform `x` (length n) in place, using `tmp` as scratch.
+    fn run(&self, x: &mut [(f64, f64)], tmp: &mut Vec<(f64, f64)>) {
+        let n = self.n;
+        if n <= 1 {
+            return;
+        }
+        if n.is_power_of_two() {
+            // Bit-reversal permutation, then iterative butterflies.
+            let bits = n.trailing_zeros();
+            for i in 0..n {
+                let j = i.reverse_bits() >> (usize::BITS - bits);
+                if j > i {
+                    x.swap(i, j);
+                }
+            }
+            let mut len = 2;
+            while len <= n {
+                let step = n / len;
+                for start in (0..n).step_by(len) {
+                    for k in 0..len / 2 {
+                        let (wr, wi) = self.tw[k * step];
+                        let (ar, ai) = x[start + k];
+                        let (br, bi) = x[start + k + len / 2];
+                        let (tr, ti) = (br * wr - bi * wi, br * wi + bi * wr);
+                        x[start + k] = (ar + tr, ai + ti);
+                        x[start + k + len / 2] = (ar - tr, ai - ti);
+                    }
+                }
+                len <<= 1;
+            }
+            return;
+        }
+        tmp.clear();
+        tmp.extend_from_slice(x);
+        for (k, out) in x.iter_mut().enumerate() {
+            let (mut re, mut im) = (0.0, 0.0);
+            for (j, &(xr, xi)) in tmp.iter().enumerate() {
+                let (wr, wi) = self.tw[(k * j) % n];
+                re += xr * wr - xi * wi;
+                im += xr * wi + xi * wr;
+            }
+            *out = (re, im);
+        }
+    }
+}
+
+fn dft(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let shape = x.shape();
+    let rank = shape.len();
+    if rank < 2 || !(shape[rank - 1] == 1 || shape[rank - 1] == 2) {
+        return Err(Error::Shape(format!("DFT input must end in a dim of 1 or 2, got {shape:?}")));
+    }
+    let complex_in = shape[rank - 1] == 2;
+    let axis = if ctx.opset() >= 20 {
+        match ctx.opt_input(inputs, 2) {
+            Some(t) => t.to_i64_vec()?.first().copied().unwrap_or(-2),
+            None => -2,
+        }
+    } else {
+        ctx.attr_i("axis", 1)
+    };
+    let axis = crate::cpu::util::norm_axis(axis, rank)?;
+    if axis == rank - 1 {
+        return Err(Error::Shape("DFT axis cannot be the last (complex) dim".into()));
+    }
+    let inverse = ctx.attr_i("inverse", 0) != 0;
+    let onesided = ctx.attr_i("onesided", 0) != 0;
+    let n_in = shape[axis];
+    let len = match ctx.opt_input(inputs, 1) {
+        Some(t) if !t.is_empty() => {
+            let l = t.to_i64_vec()?[0];
+            if l <= 0 {
+                return Err(Error::Shape(format!("dft_length {l} must be positive")));
+            }
+            l as usize
+        }
+        _ if inverse && onesided => 2 * n_in.saturating_sub(1),
+        _ => n_in,
+    };
+    let v = x.to_f64_vec()?;
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..rank - 1].iter().product();
+    let c = shape[rank - 1];
+    let at = |o: usize, k: usize, i: usize| -> (f64, f64) {
+        let base = ((o * n_in + k) * inner + i) * c;
+        (v[base], if complex_in { v[base + 1] } else { 0.0 })
+    };
+    let plan = Dft::new(len, inverse);
+    let (out_n, out_c) = match (inverse, onesided) {
+        (false, true) => (len / 2 + 1, 2),
+        (true, true) => (len, 1),
+        _ => (len, 2),
+    };
+    let mut out = vec![0.0f64; outer * out_n * inner * out_c];
+    let mut buf = vec![(0.0, 0.0); len];
+    let mut tmp = Vec::new();
+    for o in 0..outer {
+        for i in 0..inner {
+            if inverse && onesided {
+                // Hermitian extension of the first len/2+1 bins (numpy's irfft).
+                let half = len / 2 + 1;
+                for k in 0..len {
+                    let src = if k < half { k } else { len - k };
+                    let (re, im) = if src < n_in { at(o, src, i) } else { (0.0, 0.0) };
+                    let im = if (k == 0) || (len % 2 == 0 && k == len / 2) { 0.0 } else { im };
+                    buf[k] = if k < half { (re, im) } else { (re, -im) };
+                }
+            } else {
+                for (k, b) in buf.iter_mut().enumerate() {
+                    *b = if k < n_in { at(o, k, i) } else { (0.0, 0.0) };
+                }
+            }
+            plan.run(&mut buf, &mut tmp);
+            let norm = if inverse { 1.0 / len as f64 } else { 1.0 };
+            for k in 0..out_n {
+                let base = ((o * out_n + k) * inner + i) * out_c;
+                out[base] = buf[k].0 * norm;
+                if out_c == 2 {
+                    out[base + 1] = buf[k].1 * norm;
+                }
+            }
+        }
+    }
+    let mut oshape = shape.to_vec();
+    oshape[axis] = out_n;
+    oshape[rank - 1] = out_c;
+    Ok(vec![f64_tensor(x.dtype(), &oshape, out)?])
+}
+
+fn stft(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let (batch, sig_len, c) = match *x.shape() {
+        [b, l, c] if c == 1 || c == 2 => (b, l, c),
+        _ => return Err(Error::Shape(format!("STFT signal must be [batch, length, 1|2], got {:?}", x.shape()))),
+    };
+    let step = ctx.input(inputs, 1)?.to_i64_vec()?.first().copied().unwrap_or(0);
+    if step <= 0 {
+        return Err(Error::Shape(format!("frame_step {step} must be positive")));
+    }
+    let step = step as usize;
+    let window = ctx.opt_input(inputs, 2).filter(|t| !t.is_empty()).map(|t| t.to_f64_vec()).transpose()?;
+    let flen = match ctx.opt_input(inputs, 3).filter(|t| !t.is_empty()) {
+        Some(t) => t.to_i64_vec()?[0] as usize,
+        None => window.as_ref().map_or(sig_len, |w| w.len()),
+    };
+    if let Some(w) = &window {
+        if w.len() != flen {
+            return Err(Error::Shape(format!("window of {} for frame length {flen}", w.len())));
+        }
+    }
+    if flen == 0 || flen > sig_len {
+        return Err(Error::Shape(format!("frame length {flen} invalid for signal length {sig_len}")));
+    }
+    let onesided = ctx.attr_i("onesided", 1) != 0;
+    let frames = 1 + (sig_len - flen) / step;
+    let bins = if onesided { flen / 2 + 1 } else { flen };
+    let v = x.to_f64_vec()?;
+    let plan = Dft::new(flen, false);
+    let mut out = vec![0.0f64; batch * frames * bins * 2];
+    let mut buf = vec![(0.0, 0.0); flen];
+    let mut tmp = Vec::new();
+    for b in 0..batch {
+        for f in 0..frames {
+            for (k, e) in buf.iter_mut().enumerate() {
+                let base = (b * sig_len + f * step + k) * c;
+                let w = window.as_ref().map_or(1.0, |w| w[k]);
+                *e = (v[base] * w, if c == 2 { v[base + 1] * w } else { 0.0 });
+            }
+            plan.run(&mut buf, &mut tmp);
+            for k in 0..bins {
+                let o = ((b * frames + f) * bins + k) * 2;
+                out[o] = buf[k].0;
+                out[o + 1] = buf[k].1;
+            }
+        }
+    }
+    Ok(vec![f64_tensor(x.dtype(), &[batch, frames, bins, 2], out)?])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Window functions and the mel filter bank
+// ---------------------------------------------------------------------------------------------
+
+fn out_dtype(ctx: &OpCtx) -> Result<DType> {
+    let code = ctx.attr_i("output_datatype", DType::F32 as i64);
+    DType::from_onnx(code as i32).ok_or_else(|| ctx.unsupported(format!("output_datatype {code}")))
+}
+
+/// f64 values as a tensor of any real or integer dtype (integers truncate, as numpy's astype).
+fn cast_f64(dt: DType, shape: &[usize], v: Vec<f64>) -> Result<Tensor> {
+    if dt.is_float() {
+        return f64_tensor(dt, shape, v);
+    }
+    let t = Tensor::from_vec(shape, v.into_iter().map(|x| x as i64).collect::<Vec<_>>())?;
+    match dt {
+        DType::I64 => Ok(t),
+        DType::I32 => Tensor::from_vec(shape, t.view::<i64>()?.iter().map(|&x| x as i32).collect()),
+        DType::I16 => Tensor::from_vec(shape, t.view::<i64>()?.iter().map(|&x| x as i16).collect()),
+        DType::I8 => Tensor::from_vec(shape, t.view::<i64>()?.iter().map(|&x| x as i8).collect()),
+        DType::U8 => Tensor::from_vec(shape, t.view::<i64>()?.iter().map(|&x| x as u8).collect()),
+        DType::U16 => Tensor::from_vec(shape, t.view::<i64>()?.iter().map(|&x| x as u16).collect()),
+        DType::U32 => Tensor::from_vec(shape, t.view::<i64>()?.iter().map(|&x| x as u32).collect()),
+        DType::U64 => Tensor::from_vec(shape, t.view::<i64>()?.iter().map(|&x| x as u64).collect()),
+        d => Err(Error::DType(format!("cannot produce {d} here"))),
+    }
+}
+
+fn window(ctx: &OpCtx, inputs: &[Option<Tensor>], f: impl Fn(f64, f64) -> f64) -> Result<Vec<Tensor>> {
+    let size = ctx.input(inputs, 0)?.to_i64_vec()?.first().copied().unwrap_or(0);
+    if size < 0 {
+        return Err(Error::Shape(format!("window size {size} is negative")));
+    }
+    let size = size as usize;
+    let periodic = ctx.attr_i("periodic", 1) != 0;
+    let denom = if periodic { size as f64 } else { size as f64 - 1.0 };
+    let v: Vec<f64> = (0..size).map(|n| f(n as f64, denom)).collect();
+    Ok(vec![cast_f64(out_dtype(ctx)?, &[size], v)?])
+}
+
+fn hann_window(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    use std::f64::consts::PI;
+    window(ctx, inputs, |n, d| (PI * n / d).sin().powi(2))
+}
+
+fn hamming_window(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    use std::f64::consts::PI;
+    let alpha = 25.0 / 46.0;
+    window(ctx, inputs, move |n, d| alpha - (1.0 - alpha) * (2.0 * PI * n / d).cos())
+}
+
+fn blackman_window(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    use std::f64::consts::PI;
+    window(ctx, inputs, |n, d| 0.42 - 0.5 * (2.0 * PI * n / d).cos() + 0.08 * (4.0 * PI * n / d).cos())
+}
+
+fn mel_weight_matrix(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let int = |i: usize| -> Result<i64> {
+        ctx.input(inputs, i)?.to_i64_vec()?.first().copied().ok_or_else(|| Error::Shape(format!("input {i} is empty")))
+    };
+    let flt = |i: usize| -> Result<f64> {
+        ctx.input(inputs, i)?.to_f64_vec()?.first().copied().ok_or_else(|| Error::Shape(format!("input {i} is empty")))
+    };
+    let (mels, dft_len, rate) = (int(0)?, int(1)?, int(2)?);
+    let (lo, hi) = (flt(3)?, flt(4)?);
+    if mels <= 0 || dft_len <= 0 || rate <= 0 {
+        return Err(Error::Shape("num_mel_bins, dft_length and sample_rate must be positive".into()));
+    }
+    let (mels, spec_bins) = (mels as usize, dft_len as usize / 2 + 1);
+    // Mel edges in the input's (f32) precision, the rest in f64, as the reference computes.
+    let to_mel = |f: f64| (2595.0 * (1.0 + (f as f32) / 700.0).log10()) as f64;
+    let (lo_mel, hi_mel) = (to_mel(lo), to_mel(hi));
+    let mel_step = ((hi_mel - lo_mel) as f32 / (mels + 2) as f32) as f64;
+    let points: Vec<i64> = (0..mels + 2)
+        .map(|i| {
+            let m = i as f64 * mel_step + lo_mel;
+            let hz = 700.0 * (10f64.powf(m / 2595.0) - 1.0);
+            (((dft_len + 1) as f64 * hz) / rate as f64).floor() as i64
+        })
+        .collect();
+    let mut out = vec![0.0f64; spec_bins * mels];
+    let mut set = |j: i64, i: usize, v: f64| -> Result<()> {
+        if j < 0 || j as usize >= spec_bins {
+            return Err(Error::Shape(format!("mel edge bin {j} is outside the {spec_bins} spectrogram bins")));
+        }
+        out[j as usize * mels + i] = v;
+        Ok(())
+    };
+    for i in 0..mels {
+        let (l, c, h) = (points[i], points[i + 1], points[i + 2]);
+        if c == l {
+            set(c, i, 1.0)?;
+        } else {
+            for j in l..=c {
+                set(j, i, (j - l) as f64 / (c - l) as f64)?;
+            }
+        }
+        if h > c {
+            for j in c..h {
+                set(j, i, (h - j) as f64 / (h - c) as f64)?;
+            }
+        }
+    }
+    Ok(vec![cast_f64(out_dtype(ctx)?, &[spec_bins, mels], out)?])
 }

@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use kiln_runtime::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
+use super::matmul::{sgemm, Mat};
 use crate::cpu::ctx::OpCtx;
 use crate::cpu::registry::Registry;
 
@@ -240,7 +241,7 @@ struct DirOut {
     c: Vec<f32>,
 }
 
-fn run_direction(cfg: &Cfg, x: &[f32], dw: &DirWeights, lens: &[usize], reverse: bool) -> DirOut {
+fn run_direction(cfg: &Cfg, x: &[f32], dw: &DirWeights, lens: &[usize], reverse: bool) -> Result<DirOut> {
     let (seq, batch, hs) = (cfg.seq, cfg.batch, cfg.hidden);
     let g = cfg.cell.gates();
     let gh = g * hs;
@@ -257,7 +258,8 @@ fn run_direction(cfg: &Cfg, x: &[f32], dw: &DirWeights, lens: &[usize], reverse:
             row.copy_from_slice(&bias);
         }
     }
-    gemm_acc(x, &transpose(dw.w, gh, cfg.input), &mut xp, cfg.input, gh);
+    // xp += X · Wᵀ for every timestep at once (W is [gates*hidden, input], read transposed).
+    sgemm(seq * batch, gh, cfg.input, Mat::rows(x, cfg.input), Mat::cols(dw.w, cfg.input), true, &mut xp, gh, true)?;
     let rt = transpose(dw.r, gh, hs);
     // GRU: the z/r columns of Rᵀ and the candidate's columns, split once.
     let (rt_zr, rt_h) = if cfg.cell == Cell::Gru { split_cols(&rt, gh, 2 * hs) } else { (Vec::new(), Vec::new()) };
@@ -309,7 +311,7 @@ fn run_direction(cfg: &Cfg, x: &[f32], dw: &DirWeights, lens: &[usize], reverse:
             c[bi * hs..(bi + 1) * hs].fill(0.0);
         }
     }
-    DirOut { y, h, c }
+    Ok(DirOut { y, h, c })
 }
 
 /// Split the rows (width `n`) of `m` into columns [0, at) and [at, n).
@@ -566,7 +568,7 @@ fn recurrent(ctx: &OpCtx, inputs: &[Option<Tensor>], cell: Cell) -> Result<Vec<T
             let reverse = direction == "reverse" || d == 1;
             run_direction(&cfg, &xs, &dw, &lens, reverse)
         })
-        .collect();
+        .collect::<Result<_>>()?;
 
     // Assemble Y and the final states in the requested layout.
     let mut y = vec![0.0f32; seq * nd * batch * hidden];
