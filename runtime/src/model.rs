@@ -104,8 +104,8 @@ impl Session {
     }
 
     /// Run with any values (tensors, sequences, optionals) in graph-input order.
-    pub fn run_values(&mut self, inputs: Vec<Value>) -> Result<Vec<Value>> {
-        check_inputs(&self.model.inputs(), &inputs)?;
+    pub fn run_values(&mut self, mut inputs: Vec<Value>) -> Result<Vec<Value>> {
+        check_inputs(&self.model.inputs(), &mut inputs)?;
         self.model.exec.run(&mut self.state, inputs)
     }
 
@@ -115,7 +115,12 @@ impl Session {
     }
 }
 
-fn check_inputs(infos: &[&ValueInfo], inputs: &[Value]) -> Result<()> {
+/// Exporters write "?" for a dim they know nothing about; it names no shared size.
+fn is_named_symbol(s: &str) -> bool {
+    !s.is_empty() && s != "?"
+}
+
+fn check_inputs(infos: &[&ValueInfo], inputs: &mut [Value]) -> Result<()> {
     if infos.len() != inputs.len() {
         return Err(Error::Input(format!(
             "model takes {} inputs, {} given",
@@ -124,8 +129,15 @@ fn check_inputs(infos: &[&ValueInfo], inputs: &[Value]) -> Result<()> {
         )));
     }
     let mut symbols: HashMap<&str, usize> = HashMap::new();
-    for (info, value) in infos.iter().zip(inputs) {
-        let t = match (info.kind(), value) {
+    for (info, value) in infos.iter().zip(inputs.iter_mut()) {
+        // A one-element tensor given for a declared scalar is taken as that scalar (numpy and
+        // other runtimes make [1]-shaped arrays where a scalar is meant).
+        if let Value::Tensor(t) = value {
+            if info.has_shape && info.dims.is_empty() && t.rank() > 0 && t.len() == 1 {
+                *t = t.reshape(&[])?;
+            }
+        }
+        let t = match (info.kind(), &*value) {
             (ValueKind::Tensor, Value::Tensor(t)) => t,
             (ValueKind::Tensor, v) => {
                 return Err(Error::Input(format!(
@@ -166,7 +178,7 @@ fn check_inputs(infos: &[&ValueInfo], inputs: &[Value]) -> Result<()> {
                 if d.size as usize != n {
                     return Err(mismatch());
                 }
-            } else if !d.symbol.is_empty() {
+            } else if is_named_symbol(&d.symbol) {
                 if let Some(&prev) = symbols.get(d.symbol.as_str()) {
                     if prev != n {
                         return Err(Error::Input(format!(

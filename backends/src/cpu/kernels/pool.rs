@@ -413,21 +413,24 @@ fn max_unpool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     if strides.len() != nd || pads.len() != 2 * nd {
         return Err(Error::Shape("MaxUnpool: strides/pads do not match kernel_shape".into()));
     }
+    let mut inferred = x.shape()[..2].to_vec();
+    for i in 0..nd {
+        let v = (x.shape()[i + 2] as i64 - 1) * strides[i] - pads[i] - pads[i + nd] + k[i] as i64;
+        inferred.push(v.max(0) as usize);
+    }
+    // Indices address the inferred output; an explicit output_shape pads (or crops) it at the end
+    // of each dim, as the reference implementation does.
     let shape: Vec<usize> = match ctx.opt_input(inputs, 2) {
         Some(s) => s.to_i64_vec()?.into_iter().map(|d| d.max(0) as usize).collect(),
-        None => {
-            let mut s = x.shape()[..2].to_vec();
-            for i in 0..nd {
-                let v = (x.shape()[i + 2] as i64 - 1) * strides[i] - pads[i] - pads[i + nd] + k[i] as i64;
-                s.push(v.max(0) as usize);
-            }
-            s
-        }
+        None => inferred.clone(),
     };
+    if shape.len() != inferred.len() {
+        return Err(Error::Shape(format!("MaxUnpool: output_shape {shape:?} has the wrong rank")));
+    }
     if ind.len() != x.len() {
         return Err(Error::Shape("MaxUnpool: indices and X differ in size".into()));
     }
-    let total: usize = shape.iter().product();
+    let total: usize = inferred.iter().product();
     crate::with_numeric!(x.dtype(), T, {
         let xv = x.view::<T>()?;
         let mut y = vec![T::default(); total];
@@ -437,8 +440,30 @@ fn max_unpool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
             })?;
             y[i] = v;
         }
+        if shape != inferred {
+            y = embed(&y, &inferred, &shape);
+        }
         Ok(vec![Tensor::from_slice_as(x.dtype(), &shape, &y)?])
     })
+}
+
+/// Copy `v` (of shape `from`) into the leading corner of a zero tensor of shape `to`.
+fn embed<T: Copy + Default>(v: &[T], from: &[usize], to: &[usize]) -> Vec<T> {
+    let mut out = vec![T::default(); to.iter().product()];
+    let fs = crate::cpu::util::strides(from);
+    let ts = crate::cpu::util::strides(to);
+    'outer: for (i, &x) in v.iter().enumerate() {
+        let mut o = 0;
+        for d in 0..from.len() {
+            let c = i / fs[d] % from[d];
+            if c >= to[d] {
+                continue 'outer;
+            }
+            o += c * ts[d];
+        }
+        out[o] = x;
+    }
+    out
 }
 
 fn max_roi_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
