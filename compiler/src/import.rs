@@ -740,7 +740,8 @@ fn convert_type(tp: &TypeProto, what: &str) -> Result<Type> {
                     .iter()
                     .map(|d| match &d.value {
                         Some(DimValue::DimValue(v)) if *v >= 0 => Dim::Fixed(*v as usize),
-                        Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::Sym(p.clone()),
+                        // "?" is how some exporters (Paddle) say "unknown": it names no shared size.
+                        Some(DimValue::DimParam(p)) if !p.is_empty() && p != "?" => Dim::Sym(p.clone()),
                         _ => Dim::Unknown,
                     })
                     .collect()

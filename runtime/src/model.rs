@@ -115,6 +115,18 @@ impl Session {
     }
 }
 
+/// Kernels take typed views, which need aligned data; a tensor decoded in place from a file may
+/// not be aligned (copied only then).
+fn align_value(v: &mut Value) {
+    let take = |t: &mut Tensor| *t = std::mem::replace(t, Tensor::scalar(0u8)).aligned();
+    match v {
+        Value::Tensor(t) => take(t),
+        Value::Sequence(_, ts) => ts.iter_mut().for_each(take),
+        Value::Optional(Some(inner)) => align_value(inner),
+        Value::Optional(None) => {}
+    }
+}
+
 /// Exporters write "?" for a dim they know nothing about; it names no shared size.
 fn is_named_symbol(s: &str) -> bool {
     !s.is_empty() && s != "?"
@@ -132,6 +144,7 @@ fn check_inputs(infos: &[&ValueInfo], inputs: &mut [Value]) -> Result<()> {
     for (info, value) in infos.iter().zip(inputs.iter_mut()) {
         // A one-element tensor given for a declared scalar is taken as that scalar (numpy and
         // other runtimes make [1]-shaped arrays where a scalar is meant).
+        align_value(value);
         if let Value::Tensor(t) = value {
             if info.has_shape && info.dims.is_empty() && t.rank() > 0 && t.len() == 1 {
                 *t = t.reshape(&[])?;
