@@ -20,6 +20,7 @@ pub fn register(r: &mut Registry) {
     r.add("ConvTranspose", conv_transpose);
     r.add("ConvInteger", conv_integer);
     r.add("QLinearConv", qlinear_conv);
+    r.add("DeformConv", deform_conv);
 }
 
 /// Target size (elements) of one im2col tile.
@@ -576,6 +577,112 @@ fn col2im<T: MatElem>(g: &Geo3, col: &[T], yp: &mut [T]) {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DeformConv (2-D)
+// ---------------------------------------------------------------------------------------------
+
+fn deform_conv(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let w = ctx.input(inputs, 1)?;
+    if x.rank() != 4 {
+        return Err(ctx.unsupported("only 2-D deformable convolution is implemented"));
+    }
+    let s = conv_shape(ctx, x, w)?;
+    let offset = ctx.input(inputs, 2)?;
+    let og = ctx.attr_i("offset_group", 1).max(1) as usize;
+    let ksz = s.geo.k_size();
+    let (oh, ow) = (s.geo.output[1], s.geo.output[2]);
+    if s.c % og != 0 || offset.shape() != [s.n, og * ksz * 2, oh, ow] {
+        return Err(Error::Shape(format!("DeformConv: offset {:?} does not fit the geometry", offset.shape())));
+    }
+    let mask = ctx.opt_input(inputs, 4);
+    if mask.is_some_and(|m| m.shape() != [s.n, og * ksz, oh, ow]) {
+        return Err(Error::Shape("DeformConv: mask does not fit the geometry".into()));
+    }
+    crate::with_real!(x.dtype(), R, {
+        let xv = crate::cpu::util::real_vec::<R>(x)?;
+        let wv = crate::cpu::util::real_vec::<R>(w)?;
+        let ov = crate::cpu::util::real_vec::<R>(offset)?;
+        let mv = mask.map(crate::cpu::util::real_vec::<R>).transpose()?;
+        let bv = ctx.opt_input(inputs, 3).map(crate::cpu::util::real_vec::<R>).transpose()?;
+        let mut y = vec![<R as MatElem>::ZERO; s.out_shape.iter().product()];
+        let d = DeformArgs { s: &s, og, offset: &ov, mask: mv.as_deref() };
+        d.run(&xv, &wv, bv.as_deref(), &mut y)?;
+        Ok(vec![crate::cpu::util::real_tensor(x.dtype(), &s.out_shape, y)?])
+    })
+}
+
+struct DeformArgs<'a, R> {
+    s: &'a ConvShape,
+    og: usize,
+    offset: &'a [R],
+    mask: Option<&'a [R]>,
+}
+
+impl<R: crate::cpu::util::Real + MatElem> DeformArgs<'_, R> {
+    /// Bilinearly sampled columns per (image, group), then the same GEMM as Conv.
+    fn run(&self, x: &[R], w: &[R], bias: Option<&[R]>, y: &mut [R]) -> Result<()> {
+        let s = self.s;
+        let g = &s.geo;
+        let (ih, iw) = (g.input[1], g.input[2]);
+        let (oh, ow) = (g.output[1], g.output[2]);
+        let (insz, outsz, ksz) = (ih * iw, oh * ow, g.k_size());
+        let (cpg, mpg) = (s.c / s.group, s.m / s.group);
+        let cpo = s.c / self.og;
+        if bias.is_some_and(|b| b.len() != s.m) {
+            return Err(Error::Shape("DeformConv: bias does not have one element per output channel".into()));
+        }
+        for (i, plane) in y.chunks_mut(outsz.max(1)).enumerate() {
+            plane.fill(bias.map_or(<R as MatElem>::ZERO, |b| b[i % s.m]));
+        }
+        let kdim = cpg * ksz;
+        let mut col = vec![<R as MatElem>::ZERO; kdim * outsz];
+        for b in 0..s.n {
+            for grp in 0..s.group {
+                col.par_chunks_mut(outsz.max(1)).enumerate().for_each(|(r, crow)| {
+                    let (ci, kk) = (r / ksz, r % ksz);
+                    let c = grp * cpg + ci;
+                    let o = c / cpo;
+                    let (kh, kw) = (kk / g.kernel[2], kk % g.kernel[2]);
+                    let plane = &x[(b * s.c + c) * insz..][..insz];
+                    let off_h = &self.offset[((b * self.og + o) * ksz + kk) * 2 * outsz..][..outsz];
+                    let off_w = &self.offset[(((b * self.og + o) * ksz + kk) * 2 + 1) * outsz..][..outsz];
+                    let mask = self.mask.map(|m| &m[((b * self.og + o) * ksz + kk) * outsz..][..outsz]);
+                    for (p, v) in crow.iter_mut().enumerate() {
+                        let (i, j) = (p / ow, p % ow);
+                        let h = (i * g.stride[1] + kh * g.dilation[1]) as f64 - g.pad[1] as f64 + off_h[p].to_f64();
+                        let ww = (j * g.stride[2] + kw * g.dilation[2]) as f64 - g.pad[2] as f64 + off_w[p].to_f64();
+                        let val = bilinear(plane, ih, iw, h, ww);
+                        let m = mask.map_or(1.0, |m| m[p].to_f64());
+                        *v = R::from_f64(val * m);
+                    }
+                });
+                let wg = &w[grp * mpg * kdim..][..mpg * kdim];
+                let yg = &mut y[(b * s.m + grp * mpg) * outsz..][..mpg * outsz];
+                gemm(mpg, outsz, kdim, Mat::rows(wg, kdim), Mat::rows(&col, outsz), true, yg, outsz, true)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bilinear sample of a plane at (h, w); neighbours outside the plane count as zero.
+fn bilinear<R: crate::cpu::util::Real>(plane: &[R], ih: usize, iw: usize, h: f64, w: f64) -> f64 {
+    let (h0, w0) = (h.floor(), w.floor());
+    let (dh, dw) = (h - h0, w - w0);
+    let at = |y: f64, x: f64| -> f64 {
+        if y < 0.0 || x < 0.0 || y >= ih as f64 || x >= iw as f64 {
+            0.0
+        } else {
+            plane[y as usize * iw + x as usize].to_f64()
+        }
+    };
+    at(h0, w0) * (1.0 - dh) * (1.0 - dw)
+        + at(h0, w0 + 1.0) * (1.0 - dh) * dw
+        + at(h0 + 1.0, w0) * dh * (1.0 - dw)
+        + at(h0 + 1.0, w0 + 1.0) * dh * dw
 }
 
 #[cfg(test)]
