@@ -24,13 +24,7 @@ pub fn run(
     match ctx.op() {
         "If" => {
             let cond = inputs.first().cloned().flatten().ok_or_else(|| Error::Other("If needs cond".into()))?;
-            let cond = cond.tensor()?;
-            let c = match cond.dtype() {
-                DType::Bool => cond.view::<bool>()?.first().copied(),
-                _ => cond.to_i64_vec()?.first().map(|&x| x != 0),
-            }
-            .ok_or_else(|| Error::Shape("If condition is empty".into()))?;
-            let branch = sub(subs, if c { "then_branch" } else { "else_branch" })?;
+            let branch = sub(subs, if scalar_bool(&cond)? { "then_branch" } else { "else_branch" })?;
             branch.run(artifact, vec![], frame, stats)
         }
         "Loop" => run_loop(ctx, subs, artifact, inputs, frame, stats),
@@ -45,11 +39,11 @@ fn scalar_bool(v: &Value) -> Result<bool> {
         DType::Bool => t.view::<bool>()?.first().copied(),
         _ => t.to_i64_vec()?.first().map(|&x| x != 0),
     }
-    .ok_or_else(|| Error::Shape("loop condition is empty".into()))
+    .ok_or_else(|| Error::Shape("condition is empty".into()))
 }
 
 fn run_loop(
-    ctx: &OpCtx,
+    _ctx: &OpCtx,
     subs: &[(String, Prepared)],
     artifact: Option<&Artifact>,
     inputs: Vec<Option<Value>>,

@@ -2,6 +2,9 @@
 //! TensorScatter. Ops that only move elements are generic over `Item` (every dtype, strings
 //! included); ops that compare or combine values dispatch over the numeric types.
 
+// Generic bodies are instantiated with Copy types through the dtype macros; clones are for strings.
+#![allow(clippy::clone_on_copy)]
+
 use std::cmp::Ordering;
 
 use kiln_runtime::tensor::numel;
@@ -205,7 +208,7 @@ fn nd_offsets(dshape: &[usize], ind: &Tensor, batch_dims: usize) -> Result<(Vec<
     let tuples = numel(&grid);
     let mut offs = Vec::with_capacity(tuples);
     for q in 0..tuples {
-        let mut off = if per_batch == 0 { 0 } else { (q / per_batch) * batch_size };
+        let mut off = q.checked_div(per_batch).unwrap_or(0) * batch_size;
         for j in 0..m {
             off += index_in(idx[q * m + j], dshape[batch_dims + j])? * ds[j];
         }
@@ -517,7 +520,7 @@ fn pad(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         Some(scalar_from_f64(x.dtype(), ctx.attr_f("value", 0.0) as f64)?)
     } else {
         match ctx.opt_input(inputs, 2) {
-            Some(v) if v.len() > 0 => Some(v.clone()),
+            Some(v) if !v.is_empty() => Some(v.clone()),
             _ => None,
         }
     };

@@ -122,7 +122,7 @@ fn resize(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         return Ok(vec![run(x, &p, &specs)?]);
     }
     let p = params(ctx)?;
-    let nonempty = |i: usize| ctx.opt_input(inputs, i).filter(|t| t.len() > 0);
+    let nonempty = |i: usize| ctx.opt_input(inputs, i).filter(|t| !t.is_empty());
     let axes: Vec<usize> = match ctx.attr_ints("axes") {
         Some(a) => super::shape::norm_axes(&a, r)?,
         None => (0..r).collect(),
@@ -233,7 +233,7 @@ fn specs_from_scales(shape: &[usize], scales: &[f64], axes: &[usize], roi: &[f64
         shape.iter().map(|&d| AxisSpec { input: d, output: d, scale: 1.0, roi: (0.0, 1.0) }).collect();
     for (k, &a) in axes.iter().enumerate() {
         let s = scales[k];
-        if !(s > 0.0) || !s.is_finite() {
+        if !s.is_finite() || s <= 0.0 {
             return Err(Error::Shape(format!("resize scale {s} must be positive")));
         }
         specs[a] = AxisSpec {

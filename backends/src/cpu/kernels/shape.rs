@@ -7,6 +7,9 @@
 //! transposes, slices, broadcasts, tiles) and `gather_axes` (per-axis index maps: pads, crops,
 //! nearest resize).
 
+// Generic bodies are instantiated with Copy types through the dtype macros; clones are for strings.
+#![allow(clippy::clone_on_copy)]
+
 use std::mem::{align_of, size_of};
 
 use kiln_runtime::tensor::{numel, Buffer};
@@ -550,7 +553,7 @@ pub(crate) fn reshape_dims(input: &[usize], spec: &[i64], allowzero: bool) -> Re
             }
             out[i] = 0;
         } else {
-            if total % known != 0 {
+            if !total.is_multiple_of(known) {
                 return Err(Error::Shape(format!("cannot reshape {input:?} to {spec:?}")));
             }
             out[i] = total / known;
