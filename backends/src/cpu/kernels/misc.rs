@@ -12,6 +12,8 @@ use crate::cpu::util::{real_tensor, real_vec, strides};
 
 pub fn register(r: &mut Registry) {
     r.add("Attention", attention);
+    r.add("LinearAttention", linear_attention);
+    r.add_in("ai.onnx.preview", "FlexAttention", flex_attention);
     r.add("RotaryEmbedding", rotary_embedding);
     r.add("Dropout", dropout);
     r.add("NonMaxSuppression", non_max_suppression);
@@ -286,6 +288,138 @@ fn attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         outs.push(real_tensor(dt, &[b, hq, sq, if want_qk { total } else { 0 }], qk_out)?);
     }
     Ok(outs)
+}
+
+/// FlexAttention without modifier subgraphs is plain 4-D attention (scale as Attention's).
+fn flex_attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    for g in ["score_mod", "prob_mod"] {
+        if ctx.attr_graph(g).is_some() {
+            return Err(ctx.unsupported(format!("{g} subgraph")));
+        }
+    }
+    if inputs.iter().take(3).any(|t| t.as_ref().is_some_and(|t| t.rank() != 4)) {
+        return Err(Error::Shape("FlexAttention inputs must be 4-D".into()));
+    }
+    let mut out = attention(ctx, &inputs[..inputs.len().min(3)])?;
+    out.truncate(1);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// LinearAttention (opset 27)
+// ---------------------------------------------------------------------------------------------
+
+fn linear_attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let qt = ctx.input(inputs, 0)?;
+    let kt = ctx.input(inputs, 1)?;
+    let vt = ctx.input(inputs, 2)?;
+    let rule = ctx.attr_s("update_rule", "gated_delta");
+    let (gating, delta) = match rule.as_str() {
+        "linear" => (false, false),
+        "gated" => (true, false),
+        "delta" => (false, true),
+        "gated_delta" => (true, true),
+        r => return Err(ctx.unsupported(format!("update_rule '{r}'"))),
+    };
+    let hq = ctx.attr_i("q_num_heads", 0);
+    let hkv = ctx.attr_i("kv_num_heads", 0);
+    if hq <= 0 || hkv <= 0 || hq % hkv != 0 {
+        return Err(Error::Shape(format!("q_num_heads {hq} must be a positive multiple of kv_num_heads {hkv}")));
+    }
+    let (hq, hkv) = (hq as usize, hkv as usize);
+    let (b, t) = match *qt.shape() {
+        [b, t, _] => (b, t),
+        _ => return Err(Error::Shape(format!("query must be [B, T, H*D], got {:?}", qt.shape()))),
+    };
+    // (B, T, H, D) views: heads packed in the last dim.
+    let (q, [_, _, _, dk]) = heads_major(qt, Some(hq))?;
+    let (k, kd) = heads_major(kt, Some(hkv))?;
+    let (v, [_, _, _, dv]) = heads_major(vt, Some(hkv))?;
+    if kd != [b, hkv, t, dk] || vt.shape()[..2] != [b, t] {
+        return Err(Error::Shape(format!("key {:?} / value {:?} do not match query {:?}", kt.shape(), vt.shape(), qt.shape())));
+    }
+    let decay = ctx.opt_input(inputs, 4);
+    let beta = ctx.opt_input(inputs, 5);
+    if gating != decay.is_some() || delta != beta.is_some() {
+        return Err(Error::Other(format!("update_rule '{rule}' needs decay: {gating}, beta: {delta}")));
+    }
+    // decay: [B, T, Hkv] (per head) or [B, T, Hkv*dk] (per key dim); beta: [B, T, Hkv] or [B, T, 1].
+    let decay_v = decay.map(f32s).transpose()?;
+    let g_width = match decay {
+        Some(d) if d.shape() == [b, t, hkv] => 1,
+        Some(d) if d.shape() == [b, t, hkv * dk] => dk,
+        Some(d) => return Err(Error::Shape(format!("decay has shape {:?}", d.shape()))),
+        None => 0,
+    };
+    let beta_v = beta.map(f32s).transpose()?;
+    let beta_heads = match beta {
+        Some(x) if x.shape() == [b, t, hkv] => hkv,
+        Some(x) if x.shape() == [b, t, 1] => 1,
+        Some(x) => return Err(Error::Shape(format!("beta has shape {:?}", x.shape()))),
+        None => 0,
+    };
+    let past = ctx.opt_input(inputs, 3);
+    let mut state = match past {
+        Some(p) => {
+            if p.shape() != [b, hkv, dk, dv] {
+                return Err(Error::Shape(format!("past_state has shape {:?}", p.shape())));
+            }
+            f32s(p)?
+        }
+        None => vec![0.0f32; b * hkv * dk * dv],
+    };
+    let scale = match ctx.attr_f("scale", 0.0) {
+        s if s == 0.0 => 1.0 / (dk as f32).sqrt(),
+        s => s,
+    };
+    let group = hq / hkv;
+    let mut out = vec![0.0f32; b * t * hq * dv];
+    let mut vt_buf = vec![0.0f32; dv];
+    for bi in 0..b {
+        for h in 0..hkv {
+            let st = &mut state[(bi * hkv + h) * dk * dv..(bi * hkv + h + 1) * dk * dv];
+            for ti in 0..t {
+                let kv_at = |x: &[f32], d: usize| ((bi * hkv + h) * t + ti) * d;
+                let kr = &k[kv_at(&k, dk)..kv_at(&k, dk) + dk];
+                vt_buf.copy_from_slice(&v[kv_at(&v, dv)..kv_at(&v, dv) + dv]);
+                if let Some(g) = &decay_v {
+                    let base = (bi * t + ti) * hkv * g_width + h * g_width;
+                    for d in 0..dk {
+                        let f = g[base + if g_width == 1 { 0 } else { d }].exp();
+                        st[d * dv..(d + 1) * dv].iter_mut().for_each(|s| *s *= f);
+                    }
+                }
+                if let Some(bv) = &beta_v {
+                    let bt = bv[(bi * t + ti) * beta_heads + if beta_heads == 1 { 0 } else { h }];
+                    for m in 0..dv {
+                        let retrieved: f32 = (0..dk).map(|d| st[d * dv + m] * kr[d]).sum();
+                        vt_buf[m] = bt * (vt_buf[m] - retrieved);
+                    }
+                }
+                for d in 0..dk {
+                    let kd = kr[d];
+                    for (s, &vv) in st[d * dv..(d + 1) * dv].iter_mut().zip(&vt_buf) {
+                        *s += kd * vv;
+                    }
+                }
+                for qh in h * group..(h + 1) * group {
+                    let qr = &q[((bi * hq + qh) * t + ti) * dk..((bi * hq + qh) * t + ti + 1) * dk];
+                    let o = &mut out[((bi * t + ti) * hq + qh) * dv..((bi * t + ti) * hq + qh + 1) * dv];
+                    for d in 0..dk {
+                        let qd = qr[d] * scale;
+                        for (ov, &s) in o.iter_mut().zip(&st[d * dv..(d + 1) * dv]) {
+                            *ov += qd * s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let state_dt = past.map_or(qt.dtype(), |p| p.dtype());
+    Ok(vec![
+        real_tensor(qt.dtype(), &[b, t, hq * dv], out)?,
+        real_tensor(state_dt, &[b, hkv, dk, dv], state)?,
+    ])
 }
 
 /// In-place softmax of one row; a row that is all -inf becomes NaN (as the reference gives).

@@ -285,9 +285,8 @@ fn index_in_storage(p: &Pool3, flat: usize, col_major: bool) -> i64 {
     let (plane, off) = (flat / ip, flat % ip);
     let [d, h, w] = p.input;
     let (z, y, x) = (off / (h * w), off / w % h, off % w);
-    // Only the real spatial dims matter; unit leading dims contribute nothing.
-    let _ = d;
-    (plane * ip + y + x * h + z * h * w) as i64
+    // Column-major over (D, H, W); the unit dims padding 1-D/2-D geometry contribute nothing.
+    (plane * ip + z + y * d + x * d * h) as i64
 }
 
 // ---------------------------------------------------------------------------------------------
