@@ -1,4 +1,4 @@
-//! Convolutions: Conv, ConvTranspose, ConvInteger, QLinearConv.
+//! Convolutions: Conv, ConvTranspose, ConvInteger, QLinearConv, DeformConv, CausalConvWithState.
 //!
 //! Conv lowers to im2col + GEMM per (image, group), tiled over output rows so the column buffer
 //! stays a few MB; 1x1 stride-1 unpadded kernels skip im2col, and depthwise convolutions
@@ -21,6 +21,7 @@ pub fn register(r: &mut Registry) {
     r.add("ConvInteger", conv_integer);
     r.add("QLinearConv", qlinear_conv);
     r.add("DeformConv", deform_conv);
+    r.add("CausalConvWithState", causal_conv_with_state);
 }
 
 /// Target size (elements) of one im2col tile.
@@ -226,41 +227,44 @@ fn im2col<T: MatElem>(g: &Geo3, x: &[T], r0: usize, nr: usize, col: &mut [T]) {
     });
 }
 
-/// Direct convolution when every group has one input channel (M = C · multiplier).
+/// Direct convolution when every group has one input channel (M = C · multiplier). Works one
+/// output row at a time so the row and the few input rows it reads stay in L1.
 fn depthwise<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], y: &mut [T]) {
     let g = &s.geo;
     let (insz, outsz, ksz) = (g.in_size(), g.out_size(), g.k_size());
     let mult = s.m / s.c;
-    let (oh, ow) = (g.output[1], g.output[2]);
+    let (od_n, oh_n, ow) = (g.output[0], g.output[1], g.output[2]);
     let (ih, iw) = (g.input[1], g.input[2]);
+    let [kd_n, kh_n, kw_n] = g.kernel;
+    let vd: Vec<(usize, usize)> = (0..kd_n).map(|k| g.valid(0, k)).collect();
+    let vh: Vec<(usize, usize)> = (0..kh_n).map(|k| g.valid(1, k)).collect();
+    let vw: Vec<(usize, usize)> = (0..kw_n).map(|k| g.valid(2, k)).collect();
+    let s2 = g.stride[2];
     y.par_chunks_mut(outsz).enumerate().for_each(|(p, yp)| {
         let (b, m) = (p / s.m, p % s.m);
         let xc = &x[(b * s.c + m / mult) * insz..][..insz];
         let wk = &w[m * ksz..(m + 1) * ksz];
-        for kd in 0..g.kernel[0] {
-            let vd = g.valid(0, kd);
-            for kh in 0..g.kernel[1] {
-                let vh = g.valid(1, kh);
-                for kw in 0..g.kernel[2] {
-                    let wv = wk[(kd * g.kernel[1] + kh) * g.kernel[2] + kw];
-                    let vw = g.valid(2, kw);
-                    if vw.0 >= vw.1 {
-                        continue;
-                    }
-                    let s2 = g.stride[2];
-                    for od in vd.0..vd.1 {
-                        for ohh in vh.0..vh.1 {
-                            let src = (g.src(0, od, kd) * ih + g.src(1, ohh, kh)) * iw;
-                            let first = src + vw.0 * s2 + kw * g.dilation[2] - g.pad[2];
-                            let dst = &mut yp[(od * oh + ohh) * ow + vw.0..(od * oh + ohh) * ow + vw.1];
+        for od in 0..od_n {
+            for ohh in 0..oh_n {
+                let dst = &mut yp[(od * oh_n + ohh) * ow..][..ow];
+                for kd in (0..kd_n).filter(|&k| od >= vd[k].0 && od < vd[k].1) {
+                    for kh in (0..kh_n).filter(|&k| ohh >= vh[k].0 && ohh < vh[k].1) {
+                        let xr = &xc[(g.src(0, od, kd) * ih + g.src(1, ohh, kh)) * iw..][..iw];
+                        for (kw, &(lo, hi)) in vw.iter().enumerate() {
+                            if lo >= hi {
+                                continue;
+                            }
+                            let wv = wk[(kd * kh_n + kh) * kw_n + kw];
+                            let first = lo * s2 + kw * g.dilation[2] - g.pad[2];
+                            let d = &mut dst[lo..hi];
                             if s2 == 1 {
-                                let len = dst.len();
-                                for (o, &v) in dst.iter_mut().zip(&xc[first..first + len]) {
+                                let len = d.len();
+                                for (o, &v) in d.iter_mut().zip(&xr[first..first + len]) {
                                     *o = o.add(wv.mul(v));
                                 }
                             } else {
-                                for (j, o) in dst.iter_mut().enumerate() {
-                                    *o = o.add(wv.mul(xc[first + j * s2]));
+                                for (o, &v) in d.iter_mut().zip(xr[first..].iter().step_by(s2)) {
+                                    *o = o.add(wv.mul(v));
                                 }
                             }
                         }
@@ -683,6 +687,72 @@ fn bilinear<R: crate::cpu::util::Real>(plane: &[R], ih: usize, iw: usize, h: f64
         + at(h0, w0 + 1.0) * (1.0 - dh) * dw
         + at(h0 + 1.0, w0) * dh * (1.0 - dw)
         + at(h0 + 1.0, w0 + 1.0) * dh * dw
+}
+
+// ---------------------------------------------------------------------------------------------
+// CausalConvWithState (opset 27)
+// ---------------------------------------------------------------------------------------------
+
+/// Causal depthwise 1-D convolution over `[past_state | input]`, with an optional fused SiLU;
+/// also returns the last k-1 positions as the next state.
+fn causal_conv_with_state(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = ctx.input(inputs, 0)?;
+    let w = ctx.input(inputs, 1)?;
+    if x.rank() != 3 || w.rank() != 3 || w.shape()[0] != x.shape()[1] || w.shape()[1] != 1 || w.shape()[2] == 0 {
+        return Err(Error::Shape(format!("CausalConvWithState: input {:?} / weight {:?}", x.shape(), w.shape())));
+    }
+    let (b, c, l) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    let k = w.shape()[2];
+    let silu = match ctx.attr_s("activation", "none").as_str() {
+        "none" => false,
+        "silu" | "swish" => true,
+        a => return Err(ctx.unsupported(format!("activation '{a}'"))),
+    };
+    let past = ctx.opt_input(inputs, 3);
+    if past.is_some_and(|p| p.shape() != [b, c, k - 1]) {
+        return Err(Error::Shape("CausalConvWithState: past_state must be [batch, channels, k - 1]".into()));
+    }
+    let dtype = x.dtype();
+    crate::with_real!(x.dtype(), R, {
+        use crate::cpu::util::{real_tensor, real_vec, Real};
+        let xv = real_vec::<R>(x)?;
+        let wv = real_vec::<R>(w)?;
+        let bv = ctx.opt_input(inputs, 2).map(real_vec::<R>).transpose()?;
+        if bv.as_ref().is_some_and(|v| v.len() != c) {
+            return Err(Error::Shape("CausalConvWithState: bias must have one element per channel".into()));
+        }
+        let pv = past.map(real_vec::<R>).transpose()?;
+        let plen = l + k - 1;
+        let mut y = vec![<R as Real>::ZERO; b * c * l];
+        let mut state = vec![<R as Real>::ZERO; b * c * (k - 1)];
+        y.par_chunks_mut(l.max(1)).zip(state.par_chunks_mut((k - 1).max(1))).enumerate().for_each(|(p, (yr, sr))| {
+            let ch = p % c;
+            let mut padded = vec![<R as Real>::ZERO; plen];
+            if let Some(pv) = &pv {
+                padded[..k - 1].copy_from_slice(&pv[p * (k - 1)..(p + 1) * (k - 1)]);
+            }
+            padded[k - 1..].copy_from_slice(&xv[p * l..(p + 1) * l]);
+            let wk = &wv[ch * k..(ch + 1) * k];
+            let b0 = bv.as_ref().map_or(<R as Real>::ZERO, |b| b[ch]);
+            for (t, o) in yr.iter_mut().enumerate() {
+                let mut acc = b0;
+                for (j, &wj) in wk.iter().enumerate() {
+                    acc += wj * padded[t + j];
+                }
+                // The reference rounds the convolution to the input type before activating.
+                if dtype == DType::F16 {
+                    acc = R::from_f64(f16::from_f64(acc.to_f64()).to_f64());
+                } else if dtype == DType::BF16 {
+                    acc = R::from_f64(bf16::from_f64(acc.to_f64()).to_f64());
+                }
+                *o = if silu { acc / (R::ONE + (-acc).exp()) } else { acc };
+            }
+            if k > 1 {
+                sr.copy_from_slice(&padded[plen - (k - 1)..]);
+            }
+        });
+        Ok(vec![real_tensor(x.dtype(), x.shape(), y)?, real_tensor(x.dtype(), &[b, c, k - 1], state)?])
+    })
 }
 
 #[cfg(test)]

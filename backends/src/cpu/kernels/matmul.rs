@@ -75,6 +75,7 @@ pub(crate) trait MatElem: Elem {
 
     /// `c = a × b` (or `c += a × b` if `acc`), `c` row-major with leading dimension `ldc`.
     /// Operand bounds have been checked by `gemm`.
+    #[allow(clippy::too_many_arguments)]
     fn product(m: usize, n: usize, k: usize, a: Mat<Self>, b: Mat<Self>, acc: bool, c: &mut [Self], ldc: usize, par: bool) {
         naive_product(m, n, k, a, b, acc, c, ldc, par)
     }
@@ -97,6 +98,7 @@ macro_rules! float_mat_elem {
             const ZERO: Self = 0.0;
             fn add(self, o: Self) -> Self { self + o }
             fn mul(self, o: Self) -> Self { self * o }
+            #[allow(clippy::too_many_arguments)]
             fn product(m: usize, n: usize, k: usize, a: Mat<Self>, b: Mat<Self>, acc: bool, c: &mut [Self], ldc: usize, par: bool) {
                 crate_gemm(m, n, k, 1.0, a, b, acc, c, ldc, par)
             }
@@ -106,6 +108,7 @@ macro_rules! float_mat_elem {
 float_mat_elem!(f32, f64);
 
 /// The reference triple loop (i-k-j order so the inner loop streams rows of `b` and `c`).
+#[allow(clippy::too_many_arguments)]
 fn naive_product<T: MatElem>(m: usize, n: usize, k: usize, a: Mat<T>, b: Mat<T>, acc: bool, c: &mut [T], ldc: usize, par: bool) {
     let row = |i: usize, crow: &mut [T]| {
         let crow = &mut crow[..n];
@@ -483,7 +486,7 @@ fn sub_zero_point(v: &mut [i32], shape: &[usize], zp: Option<&Tensor>, per_row: 
     // When A is a vector, its "rows" are its single row; B vectors are a single column.
     let (rows, cols) = if r == 1 && !per_row { (shape[0], 1) } else { (rows, cols) };
     let per = if per_row { rows } else { cols };
-    if per == 0 || z.len() % per != 0 || v.len() % (rows * cols).max(1) != 0 {
+    if per == 0 || z.len() % per != 0 || !v.len().is_multiple_of((rows * cols).max(1)) {
         return Err(Error::Shape(format!("zero point of {} elements does not fit shape {shape:?}", z.len())));
     }
     let zbatches = z.len() / per;

@@ -369,7 +369,7 @@ fn linear_attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor
         None => vec![0.0f32; b * hkv * dk * dv],
     };
     let scale = match ctx.attr_f("scale", 0.0) {
-        s if s == 0.0 => 1.0 / (dk as f32).sqrt(),
+        0.0 => 1.0 / (dk as f32).sqrt(),
         s => s,
     };
     let group = hq / hkv;
@@ -379,9 +379,9 @@ fn linear_attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor
         for h in 0..hkv {
             let st = &mut state[(bi * hkv + h) * dk * dv..(bi * hkv + h + 1) * dk * dv];
             for ti in 0..t {
-                let kv_at = |x: &[f32], d: usize| ((bi * hkv + h) * t + ti) * d;
-                let kr = &k[kv_at(&k, dk)..kv_at(&k, dk) + dk];
-                vt_buf.copy_from_slice(&v[kv_at(&v, dv)..kv_at(&v, dv) + dv]);
+                let row = (bi * hkv + h) * t + ti;
+                let kr = &k[row * dk..(row + 1) * dk];
+                vt_buf.copy_from_slice(&v[row * dv..(row + 1) * dv]);
                 if let Some(g) = &decay_v {
                     let base = (bi * t + ti) * hkv * g_width + h * g_width;
                     for d in 0..dk {
@@ -716,6 +716,7 @@ fn non_max_suppression(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Ten
 // Losses
 // ---------------------------------------------------------------------------------------------
 
+#[allow(clippy::too_many_arguments)]
 /// -log-probability gathered at each target, weighted, then reduced. `logp` is [N, C, D] (D is
 /// the product of the trailing dims), `target` [N, D].
 fn nll_core(
@@ -989,11 +990,11 @@ fn dft(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
             if inverse && onesided {
                 // Hermitian extension of the first len/2+1 bins (numpy's irfft).
                 let half = len / 2 + 1;
-                for k in 0..len {
+                for (k, b) in buf.iter_mut().enumerate() {
                     let src = if k < half { k } else { len - k };
                     let (re, im) = if src < n_in { at(o, src, i) } else { (0.0, 0.0) };
                     let im = if (k == 0) || (len % 2 == 0 && k == len / 2) { 0.0 } else { im };
-                    buf[k] = if k < half { (re, im) } else { (re, -im) };
+                    *b = if k < half { (re, im) } else { (re, -im) };
                 }
             } else {
                 for (k, b) in buf.iter_mut().enumerate() {
@@ -1002,11 +1003,11 @@ fn dft(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
             }
             plan.run(&mut buf, &mut tmp);
             let norm = if inverse { 1.0 / len as f64 } else { 1.0 };
-            for k in 0..out_n {
+            for (k, &(re, im)) in buf.iter().enumerate().take(out_n) {
                 let base = ((o * out_n + k) * inner + i) * out_c;
-                out[base] = buf[k].0 * norm;
+                out[base] = re * norm;
                 if out_c == 2 {
-                    out[base + 1] = buf[k].1 * norm;
+                    out[base + 1] = im * norm;
                 }
             }
         }
@@ -1057,10 +1058,10 @@ fn stft(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
                 *e = (v[base] * w, if c == 2 { v[base + 1] * w } else { 0.0 });
             }
             plan.run(&mut buf, &mut tmp);
-            for k in 0..bins {
+            for (k, &(re, im)) in buf.iter().enumerate().take(bins) {
                 let o = ((b * frames + f) * bins + k) * 2;
-                out[o] = buf[k].0;
-                out[o + 1] = buf[k].1;
+                out[o] = re;
+                out[o + 1] = im;
             }
         }
     }
@@ -1171,4 +1172,106 @@ fn mel_weight_matrix(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tenso
         }
     }
     Ok(vec![cast_f64(out_dtype(ctx)?, &[spec_bins, mels], out)?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_runtime::manifest::{Attr, Step};
+
+    fn run(op: &str, opset: i64, attrs: Vec<Attr>, inputs: Vec<Option<Tensor>>) -> Vec<Tensor> {
+        let s = Step { op: op.into(), opset, attrs, outputs: vec![0, 1, 2, 3], ..Default::default() };
+        let k = match crate::cpu::registry().get("", op) {
+            Some(crate::cpu::Kernel::Tensor(k)) => k,
+            _ => panic!("no kernel"),
+        };
+        k(&OpCtx::new(&s, None), &inputs).unwrap()
+    }
+
+    fn t(shape: &[usize], v: &[f32]) -> Option<Tensor> {
+        Some(Tensor::from_vec(shape, v.to_vec()).unwrap())
+    }
+
+    fn int(name: &str, i: i64) -> Attr {
+        Attr { name: name.into(), i, ..Default::default() }
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn attention_causal_two_tokens() {
+        // One head, head size 1, q = k = 0 everywhere: uniform weights over the visible keys.
+        let q = t(&[1, 1, 2, 1], &[0., 0.]);
+        let k = t(&[1, 1, 2, 1], &[0., 0.]);
+        let v = t(&[1, 1, 2, 1], &[2., 4.]);
+        let out = run("Attention", 23, vec![int("is_causal", 1)], vec![q, k, v]);
+        close(out[0].view::<f32>().unwrap(), &[2., 3.]);
+        // qk_matmul_output mode 0: the scaled scores before the causal mask.
+        close(out[3].view::<f32>().unwrap(), &[0.; 4]);
+    }
+
+    #[test]
+    fn attention_qk_softmax_output_and_bool_mask() {
+        let q = t(&[1, 1, 1, 1], &[1.]);
+        let k = t(&[1, 1, 2, 1], &[1., 1.]);
+        let v = t(&[1, 1, 2, 1], &[10., 20.]);
+        let mask = Some(Tensor::from_vec(&[1, 2], vec![false, true]).unwrap());
+        let out = run("Attention", 23, vec![int("qk_matmul_output_mode", 3)], vec![q, k, v, mask]);
+        close(out[0].view::<f32>().unwrap(), &[20.]);
+        close(out[3].view::<f32>().unwrap(), &[0., 1.]);
+    }
+
+    #[test]
+    fn nms_suppresses_overlap() {
+        // Boxes 0 and 1 overlap heavily (IoU 0.81); box 2 is apart.
+        let boxes = t(&[1, 3, 4], &[0., 0., 1., 1., 0., 0.1, 1., 1.1, 0., 10., 1., 11.]);
+        let scores = t(&[1, 1, 3], &[0.9, 0.95, 0.5]);
+        let out = run(
+            "NonMaxSuppression",
+            11,
+            vec![],
+            vec![boxes, scores, Some(Tensor::scalar(3i64)), Some(Tensor::scalar(0.5f32)), None],
+        );
+        assert_eq!(out[0].view::<i64>().unwrap(), &[0, 0, 1, 0, 0, 2]);
+    }
+
+    #[test]
+    fn det_and_nll() {
+        let out = run("Det", 11, vec![], vec![t(&[2, 2, 2], &[1., 2., 3., 4., 2., 0., 0., 3.])]);
+        close(out[0].view::<f32>().unwrap(), &[-2., 6.]);
+        let x = t(&[2, 3], &[-1., -2., -3., -4., -5., -6.]);
+        let target = Some(Tensor::from_vec(&[2], vec![2i64, 0]).unwrap());
+        let out = run("NegativeLogLikelihoodLoss", 13, vec![], vec![x, target]);
+        close(out[0].view::<f32>().unwrap(), &[3.5]);
+    }
+
+    #[test]
+    fn dft_of_impulse_and_round_trip() {
+        // DFT of [1, 0, 0] is all ones; length 4 (radix-2 path) and 3 (direct path).
+        for n in [3usize, 4] {
+            let mut x = vec![0f32; n];
+            x[0] = 1.0;
+            let out = run("DFT", 17, vec![], vec![t(&[1, n, 1], &x)]);
+            let v = out[0].view::<f32>().unwrap();
+            for k in 0..n {
+                close(&v[2 * k..2 * k + 2], &[1., 0.]);
+            }
+            let back = run("DFT", 17, vec![int("inverse", 1)], vec![Some(out[0].clone())]);
+            let b = back[0].view::<f32>().unwrap();
+            for k in 0..n {
+                close(&b[2 * k..2 * k + 2], &[x[k], 0.]);
+            }
+        }
+    }
+
+    #[test]
+    fn hann_window_periodic() {
+        let out = run("HannWindow", 17, vec![], vec![Some(Tensor::scalar(4i64))]);
+        close(out[0].view::<f32>().unwrap(), &[0., 0.5, 1., 0.5]);
+    }
 }

@@ -248,9 +248,8 @@ fn max_planes<T: Copy + PartialOrd + Send + Sync + Default>(p: &Pool3, x: &[T], 
             let mut best: Option<(T, usize)> = None;
             for off in win {
                 let v = xp[off];
-                match best {
-                    Some((b, _)) if !(v > b) => {}
-                    _ => best = Some((v, off)),
+                if best.is_none_or(|(b, _)| v > b) {
+                    best = Some((v, off));
                 }
             }
             if let Some((b, off)) = best {
@@ -370,7 +369,7 @@ fn global<R: Real>(x: &Tensor, f: impl Fn(&[R]) -> R + Sync) -> Result<Tensor> {
     let shape = global_shape(x)?;
     let planes = shape[0] * shape[1];
     let xv = real_vec::<R>(x)?;
-    let s = if planes == 0 { 0 } else { xv.len() / planes };
+    let s = xv.len().checked_div(planes).unwrap_or(0);
     let y: Vec<R> = (0..planes).into_par_iter().map(|p| f(&xv[p * s..(p + 1) * s])).collect();
     real_tensor(x.dtype(), &shape, y)
 }

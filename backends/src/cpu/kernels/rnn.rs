@@ -172,10 +172,10 @@ fn gemm_acc(a: &[f32], bt: &[f32], c: &mut [f32], k: usize, n: usize) {
             }
         }
     };
-    let m = if k == 0 { c.len() / n.max(1) } else { a.len() / k };
-    if k == 0 || n == 0 || m == 0 {
+    if k == 0 || n == 0 || a.is_empty() {
         return;
     }
+    let m = a.len() / k;
     let per = ((1 << 16) / (k * n).max(1)).max(1);
     if m * k * n >= 1 << 18 && m > per {
         a.par_chunks(per * k)

@@ -22,7 +22,7 @@ pub fn register(r: &mut Registry) {
     r.add_value("OptionalGetElement", optional_get_element);
 }
 
-fn value<'v>(inputs: &'v [Option<Value>], i: usize) -> Result<&'v Value> {
+fn value(inputs: &[Option<Value>], i: usize) -> Result<&Value> {
     inputs.get(i).and_then(|v| v.as_ref()).ok_or_else(|| Error::Other(format!("required input {i} is missing")))
 }
 
