@@ -14,7 +14,8 @@ pub struct Args {
     /// NAME=FILE, an input by name (repeatable; .npy or .pb).
     #[arg(long = "input")]
     input: Vec<String>,
-    /// Where to write output_K.npy (otherwise outputs are only summarised).
+    /// Where to write output_K.npy (a sequence as folder output_K/ of 0.npy…, an empty optional as
+    /// output_K.none); otherwise outputs are only summarised.
     #[arg(long)]
     output_dir: Option<PathBuf>,
     /// Worker threads (0 = one per core).
@@ -38,7 +39,17 @@ fn summary(v: &Value) -> (String, Vec<usize>, String) {
                 .unwrap_or_default();
             (t.dtype().to_string(), t.shape().to_vec(), head)
         }
-        other => (other.kind_name().to_string(), vec![], String::new()),
+        // A sequence's "shape" is its length; the head lists its elements' shapes.
+        Value::Sequence(dt, items) => {
+            let shapes: Vec<String> = items.iter().take(6).map(|t| format!("{:?}", t.shape())).collect();
+            let more = if items.len() > 6 { ", …" } else { "" };
+            (format!("seq<{dt}>"), vec![items.len()], format!("[{}{more}]", shapes.join(", ")))
+        }
+        Value::Optional(None) => ("optional".to_string(), vec![], "none".to_string()),
+        Value::Optional(Some(inner)) => {
+            let (dt, shape, head) = summary(inner);
+            (format!("optional<{dt}>"), shape, head)
+        }
     }
 }
 

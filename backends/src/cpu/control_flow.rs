@@ -1,4 +1,5 @@
-//! If, Loop and Scan: run subgraph programs with the enclosing frame visible for captures.
+//! If, Loop, Scan and SequenceMap: run subgraph programs with the enclosing frame visible for
+//! captures.
 
 use kiln_runtime::{Artifact, DType, Error, Result, Tensor, Value};
 
@@ -28,7 +29,9 @@ pub fn run(
             branch.run(artifact, vec![], frame, stats)
         }
         "Loop" => run_loop(ctx, subs, artifact, inputs, frame, stats),
+        "Scan" if ctx.opset() < 9 => run_scan8(ctx, subs, artifact, inputs, frame, stats),
         "Scan" => run_scan(ctx, subs, artifact, inputs, frame, stats),
+        "SequenceMap" => run_sequence_map(subs, artifact, inputs, frame, stats),
         op => Err(ctx.unsupported(format!("{op} is not a control-flow op"))),
     }
 }
@@ -110,9 +113,6 @@ fn run_scan(
     frame: &[Option<Value>],
     stats: &mut Stats,
 ) -> Result<Vec<Value>> {
-    if ctx.opset() < 9 {
-        return Err(ctx.unsupported("Scan before opset 9 (batched form) is not supported"));
-    }
     let body = sub(subs, "body")?;
     let m = ctx.attr_i("num_scan_inputs", 0) as usize;
     let inputs: Vec<Tensor> = inputs
@@ -168,6 +168,132 @@ fn run_scan(
         out.push(Value::Tensor(if a == 0 { stacked } else { move_axis0(&stacked, a)? }));
     }
     Ok(out)
+}
+
+/// Scan-8: a leading batch axis on states and scan inputs (the sequence axis is 1), an optional
+/// first input `sequence_lens`, and only per-input directions. Each batch row is scanned on its
+/// own; scan outputs past a row's length stay zero.
+fn run_scan8(
+    ctx: &OpCtx,
+    subs: &[(String, Prepared)],
+    artifact: Option<&Artifact>,
+    mut inputs: Vec<Option<Value>>,
+    frame: &[Option<Value>],
+    stats: &mut Stats,
+) -> Result<Vec<Value>> {
+    let body = sub(subs, "body")?;
+    if inputs.is_empty() {
+        return Err(Error::Other("Scan needs inputs".into()));
+    }
+    let seq_lens = inputs.remove(0).map(|v| v.into_tensor()?.to_i64_vec()).transpose()?;
+    let inputs: Vec<Tensor> = inputs
+        .into_iter()
+        .map(|v| v.ok_or_else(|| Error::Other("Scan input missing".into()))?.into_tensor())
+        .collect::<Result<_>>()?;
+    let m = ctx.attr_i("num_scan_inputs", 0) as usize;
+    if m > inputs.len() || m == 0 {
+        return Err(Error::Other("num_scan_inputs must be between 1 and the number of inputs".into()));
+    }
+    let n = inputs.len() - m;
+    let dirs = ctx.attr_ints("directions").unwrap_or_else(|| vec![0; m]);
+    let scan_in = &inputs[n..];
+    if scan_in.iter().any(|t| t.rank() < 2) || inputs.iter().any(|t| t.rank() == 0) {
+        return Err(Error::Shape("Scan-8 inputs need a batch axis (and scan inputs a sequence axis)".into()));
+    }
+    let batch = scan_in[0].shape()[0];
+    let max_len = scan_in[0].shape()[1];
+    if inputs.iter().any(|t| t.shape()[0] != batch) || scan_in.iter().any(|t| t.shape()[1] != max_len) {
+        return Err(Error::Shape("Scan inputs differ in batch size or sequence length".into()));
+    }
+    let k = body.prog.outputs.len().checked_sub(n).ok_or_else(|| Error::InvalidArtifact("Scan body has too few outputs".into()))?;
+    let mut states_out: Vec<Vec<Tensor>> = vec![Vec::new(); n];
+    let mut scans_out: Vec<Vec<Tensor>> = vec![Vec::new(); k];
+    for b in 0..batch {
+        let len = match &seq_lens {
+            Some(l) => {
+                let v = *l.get(b).ok_or_else(|| Error::Shape("sequence_lens is shorter than the batch".into()))?;
+                usize::try_from(v).ok().filter(|&v| v <= max_len).ok_or_else(|| Error::Shape(format!("sequence length {v} out of range")))?
+            }
+            None => max_len,
+        };
+        let mut state: Vec<Value> = inputs[..n].iter().map(|t| take(t, 0, b).map(Value::Tensor)).collect::<Result<_>>()?;
+        let rows: Vec<Tensor> = scan_in.iter().map(|t| take(t, 0, b)).collect::<Result<_>>()?;
+        let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); k];
+        for it in 0..len {
+            let mut body_in = state.clone();
+            for (j, t) in rows.iter().enumerate() {
+                let idx = if dirs.get(j).copied().unwrap_or(0) == 1 { len - 1 - it } else { it };
+                body_in.push(Value::Tensor(take(t, 0, idx)?));
+            }
+            let outs = body.run(artifact, body_in, frame, stats)?;
+            state = outs[..n].to_vec();
+            for (j, v) in outs[n..].iter().enumerate() {
+                scans[j].push(v.tensor()?.clone());
+            }
+        }
+        for (j, v) in state.into_iter().enumerate() {
+            states_out[j].push(v.into_tensor()?);
+        }
+        for (j, mut s) in scans.into_iter().enumerate() {
+            if let Some(first) = s.first().cloned() {
+                s.resize(max_len, Tensor::zeros(first.dtype(), first.shape()));
+            }
+            let vi = &body.prog.values[body.prog.outputs[n + j] as usize];
+            scans_out[j].push(stack(&s, 0, DType::from_onnx(vi.dtype).unwrap_or(DType::F32))?);
+        }
+    }
+    let mut out = Vec::with_capacity(n + k);
+    for (j, s) in states_out.iter().chain(&scans_out).enumerate() {
+        let vi = &body.prog.values[body.prog.outputs[j] as usize];
+        out.push(Value::Tensor(stack(s, 0, DType::from_onnx(vi.dtype).unwrap_or(DType::F32))?));
+    }
+    Ok(out)
+}
+
+/// SequenceMap: run the body once per position of the input sequences (tensor inputs are passed
+/// whole each time) and collect each body output into a sequence.
+fn run_sequence_map(
+    subs: &[(String, Prepared)],
+    artifact: Option<&Artifact>,
+    inputs: Vec<Option<Value>>,
+    frame: &[Option<Value>],
+    stats: &mut Stats,
+) -> Result<Vec<Value>> {
+    let body = sub(subs, "body")?;
+    let inputs: Vec<Value> = inputs
+        .into_iter()
+        .map(|v| v.ok_or_else(|| Error::Other("SequenceMap input missing".into())))
+        .collect::<Result<_>>()?;
+    let len = match inputs.first() {
+        Some(Value::Sequence(_, items)) => items.len(),
+        _ => return Err(Error::DType("SequenceMap's first input must be a sequence".into())),
+    };
+    if inputs.iter().any(|v| matches!(v, Value::Sequence(_, s) if s.len() != len)) {
+        return Err(Error::Shape("SequenceMap's input sequences differ in length".into()));
+    }
+    let n_out = body.prog.outputs.len();
+    let mut collected: Vec<Vec<Tensor>> = vec![Vec::with_capacity(len); n_out];
+    for i in 0..len {
+        let body_in = inputs
+            .iter()
+            .map(|v| match v {
+                Value::Sequence(_, items) => Value::Tensor(items[i].clone()),
+                other => other.clone(),
+            })
+            .collect();
+        for (j, v) in body.run(artifact, body_in, frame, stats)?.into_iter().enumerate() {
+            collected[j].push(v.into_tensor()?);
+        }
+    }
+    Ok(collected
+        .into_iter()
+        .enumerate()
+        .map(|(j, items)| {
+            let vi = &body.prog.values[body.prog.outputs[j] as usize];
+            let dt = items.first().map(|t| t.dtype()).or(DType::from_onnx(vi.dtype)).unwrap_or(DType::F32);
+            Value::Sequence(dt, items)
+        })
+        .collect())
 }
 
 /// Element size in bytes for byte-wise copies (strings are handled by index).

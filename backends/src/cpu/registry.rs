@@ -70,7 +70,7 @@ pub fn registry() -> &'static Registry {
     static REG: OnceLock<Registry> = OnceLock::new();
     REG.get_or_init(|| {
         let mut r = Registry::default();
-        for op in ["If", "Loop", "Scan"] {
+        for op in ["If", "Loop", "Scan", "SequenceMap"] {
             r.map.insert(("", op), Kernel::ControlFlow);
         }
         super::kernels::register_all(&mut r);
