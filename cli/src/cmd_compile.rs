@@ -24,6 +24,10 @@ pub struct Args {
     /// Skip dead-node removal.
     #[arg(long)]
     no_dce: bool,
+    /// Skip an optimisation pass by name (repeatable): identity, conv-bn, gelu, layernorm,
+    /// hardswish, softmax, matmul-bias, epilogue; `all` skips every one.
+    #[arg(long = "skip-pass", value_name = "PASS")]
+    skip_pass: Vec<String>,
     /// Print what each pass changed.
     #[arg(long)]
     report: bool,
@@ -40,7 +44,20 @@ pub fn run(a: Args) -> Result<()> {
     if out == a.model {
         return Err(Error::Input("output path equals the input path".into()));
     }
-    let opts = CompileOptions { target: a.target.clone(), fold: !a.no_fold, dce: !a.no_dce };
+    let mut skip = Vec::new();
+    for name in &a.skip_pass {
+        match name.as_str() {
+            "all" => skip.extend(kiln_passes::OPTIMIZATIONS.iter().map(|s| s.to_string())),
+            n if kiln_passes::OPTIMIZATIONS.contains(&n) => skip.push(n.to_string()),
+            n => {
+                return Err(Error::Input(format!(
+                    "unknown pass '{n}' (passes: {}, or all)",
+                    kiln_passes::OPTIMIZATIONS.join(", ")
+                )))
+            }
+        }
+    }
+    let opts = CompileOptions { target: a.target.clone(), fold: !a.no_fold, dce: !a.no_dce, skip };
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap());
     bar.enable_steady_tick(Duration::from_millis(100));

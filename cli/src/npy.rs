@@ -1,7 +1,8 @@
 //! .npy reading and writing (format versions 1.0–3.0, little-endian, C or Fortran order).
 //!
-//! numpy has no bfloat16, float8, float4 or 4-bit integer types, so on write those are widened:
-//! the float kinds to float32, int4/uint4 to int8/uint8. Strings are numpy unicode (`<U`) arrays.
+//! numpy has no bfloat16, float8, float4 or 4-bit/2-bit integer types, so on write those are
+//! widened: the float kinds to float32, int4/uint4/int2/uint2 to int8/uint8. Strings are numpy
+//! unicode (`<U`) arrays.
 
 use std::path::Path;
 
@@ -153,8 +154,8 @@ pub fn numpy_dtype(d: DType) -> DType {
     match d {
         DType::BF16 | DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ
         | DType::F4E2M1 | DType::F8E8M0 => DType::F32,
-        DType::I4 => DType::I8,
-        DType::U4 => DType::U8,
+        DType::I4 | DType::I2 => DType::I8,
+        DType::U4 | DType::U2 => DType::U8,
         d => d,
     }
 }
@@ -182,8 +183,10 @@ pub fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let target = numpy_dtype(t.dtype());
     let t = if target != t.dtype() {
         match t.dtype() {
-            // int4/uint4 are stored unpacked, one per byte: only the dtype tag changes.
-            DType::I4 | DType::U4 => Tensor::from_bytes(target, t.shape(), t.bytes())?,
+            // int4/uint4/int2/uint2 are stored unpacked, one per byte: only the dtype tag changes.
+            DType::I4 | DType::U4 | DType::I2 | DType::U2 => {
+                Tensor::from_bytes(target, t.shape(), t.bytes())?
+            }
             _ => cast(t, target)?,
         }
     } else {
@@ -256,5 +259,15 @@ mod tests {
         let mut trunc = to_bytes(&Tensor::from_vec(&[100], vec![0f64; 100]).unwrap()).unwrap();
         trunc.truncate(200);
         assert!(parse(&trunc).is_err());
+    }
+
+    #[test]
+    fn sub_byte_ints_widen_to_bytes() {
+        let t = Tensor::from_slice_as(DType::I2, &[4], &[-2i8, -1, 0, 1]).unwrap();
+        let back = parse(&to_bytes(&t).unwrap()).unwrap();
+        assert_eq!((back.dtype(), back.view::<i8>().unwrap()), (DType::I8, &[-2i8, -1, 0, 1][..]));
+        let t = Tensor::from_slice_as(DType::U2, &[3], &[3u8, 0, 2]).unwrap();
+        let back = parse(&to_bytes(&t).unwrap()).unwrap();
+        assert_eq!((back.dtype(), back.view::<u8>().unwrap()), (DType::U8, &[3u8, 0, 2][..]));
     }
 }

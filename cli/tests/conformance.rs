@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kiln_compiler::ir::Type;
+use kiln_compiler::onnx::GraphProto;
 use kiln_runtime::{Tensor, Value};
 
 fn suite_dir(suite: &str) -> PathBuf {
@@ -290,6 +291,73 @@ fn run_suite(suite: &str) {
     if passed > base {
         announce(&format!("{suite} suite: {passed} > baseline {base}: raise its line in {BASELINE_FILE} to {passed}"));
     }
+    if suite == "node" {
+        check_op_coverage(&root, &results);
+    }
+}
+
+/// (domain, op) of every node in a graph and its subgraphs; "ai.onnx" is spelled "".
+fn collect_ops(g: &GraphProto, out: &mut BTreeSet<(String, String)>) {
+    for n in &g.node {
+        let domain = if n.domain == "ai.onnx" { String::new() } else { n.domain.clone() };
+        out.insert((domain, n.op_type.clone()));
+        for a in &n.attribute {
+            for sub in a.g.iter().chain(&a.graphs) {
+                collect_ops(sub, out);
+            }
+        }
+    }
+}
+
+const UNIT_TESTED_FILE: &str = "testdata/ops_unit_tested.txt";
+
+/// Every op the CPU backend registers must have a reference test: a passing node-suite case whose
+/// model uses it, or a unit test listed in testdata/ops_unit_tested.txt ("domain:Op test_name",
+/// the test being a `fn test_name` somewhere under backends/src).
+fn check_op_coverage(root: &Path, results: &[CaseResult]) {
+    let mut covered = BTreeSet::new();
+    for r in results.iter().filter(|r| r.result.is_ok()) {
+        if let Ok((proto, _)) = kiln_compiler::onnx::load::read_model(&root.join(&r.name).join("model.onnx")) {
+            if let Some(g) = &proto.graph {
+                collect_ops(g, &mut covered);
+            }
+        }
+    }
+    let listed_path = workspace_dir().join(UNIT_TESTED_FILE);
+    let listed_text = std::fs::read_to_string(&listed_path).unwrap_or_else(|e| panic!("{}: {e}", listed_path.display()));
+    let mut sources = String::new();
+    let mut stack = vec![workspace_dir().join("backends/src")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                sources.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+            }
+        }
+    }
+    let mut unit_tested = BTreeSet::new();
+    for line in listed_text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let mut parts = line.split_whitespace();
+        let (Some(op), Some(test)) = (parts.next(), parts.next()) else {
+            panic!("{UNIT_TESTED_FILE}: expected 'domain:Op test_name', got '{line}'");
+        };
+        assert!(sources.contains(&format!("fn {test}(")), "{UNIT_TESTED_FILE}: no `fn {test}` under backends/src (for {op})");
+        let (domain, op) = op.split_once(':').unwrap_or(("", op));
+        unit_tested.insert((domain.to_string(), op.to_string()));
+    }
+    let missing: Vec<String> = kiln_backends::cpu::registry()
+        .ops()
+        .into_iter()
+        .map(|(d, o)| (if d == "ai.onnx" { "" } else { d }.to_string(), o.to_string()))
+        .filter(|k| !covered.contains(k) && !unit_tested.contains(k))
+        .map(|(d, o)| format!("{d}:{o}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ops with neither a passing node-suite case nor a unit test listed in {UNIT_TESTED_FILE}: {missing:?}"
+    );
 }
 
 #[test]

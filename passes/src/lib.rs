@@ -6,8 +6,10 @@
 
 pub mod dce;
 pub mod fold;
+pub mod fuse;
+pub mod pattern;
 pub mod pipeline;
 
 pub use dce::DeadCodeElimination;
 pub use fold::ConstantFolding;
-pub use pipeline::{compile_file, CompileOptions, Compiled};
+pub use pipeline::{compile_file, CompileOptions, Compiled, OPTIMIZATIONS};

@@ -17,11 +17,32 @@ pub struct CompileOptions {
     pub target: String,
     pub fold: bool,
     pub dce: bool,
+    /// Names of optimisation passes to leave out (see `OPTIMIZATIONS`).
+    pub skip: Vec<String>,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { target: "cpu-generic".into(), fold: true, dce: true }
+        CompileOptions { target: "cpu-generic".into(), fold: true, dce: true, skip: Vec::new() }
+    }
+}
+
+/// The optimisation passes run by default, in order (each can be skipped by name).
+pub const OPTIMIZATIONS: &[&str] =
+    &["identity", "conv-bn", "gelu", "layernorm", "hardswish", "softmax", "matmul-bias", "epilogue"];
+
+fn optimization(name: &str) -> Box<dyn kiln_compiler::pass::Pass> {
+    use crate::fuse::*;
+    match name {
+        "identity" => Box::new(EliminateIdentity),
+        "conv-bn" => Box::new(FoldConvBatchNorm),
+        "gelu" => Box::new(FuseGelu),
+        "layernorm" => Box::new(FuseLayerNorm),
+        "hardswish" => Box::new(FuseHardSwish),
+        "softmax" => Box::new(FuseSoftmax),
+        "matmul-bias" => Box::new(FuseMatMulBias),
+        "epilogue" => Box::new(FuseEpilogue),
+        other => unreachable!("OPTIMIZATIONS lists an unknown pass {other}"),
     }
 }
 
@@ -36,6 +57,11 @@ pub fn pass_manager(opts: &CompileOptions) -> PassManager {
     let mut pm = PassManager::new();
     if opts.fold {
         pm.add(Box::new(ConstantFolding::default()));
+    }
+    for name in OPTIMIZATIONS {
+        if !opts.skip.iter().any(|s| s == name) {
+            pm.add(optimization(name));
+        }
     }
     if opts.dce {
         pm.add(Box::new(DeadCodeElimination));

@@ -30,14 +30,17 @@ pub enum DType {
     I4 = 22,
     F4E2M1 = 23,
     F8E8M0 = 24,
+    U2 = 25,
+    I2 = 26,
 }
 
 impl DType {
-    pub const ALL: [DType; 24] = [
+    pub const ALL: [DType; 26] = [
         DType::F32, DType::U8, DType::I8, DType::U16, DType::I16, DType::I32, DType::I64,
         DType::String, DType::Bool, DType::F16, DType::F64, DType::U32, DType::U64,
         DType::Complex64, DType::Complex128, DType::BF16, DType::F8E4M3FN, DType::F8E4M3FNUZ,
         DType::F8E5M2, DType::F8E5M2FNUZ, DType::U4, DType::I4, DType::F4E2M1, DType::F8E8M0,
+        DType::U2, DType::I2,
     ];
 
     /// The ONNX TensorProto.DataType number.
@@ -49,13 +52,14 @@ impl DType {
         DType::ALL.iter().copied().find(|d| *d as i32 == code)
     }
 
-    /// Bytes one element takes in memory. Sub-byte types (int4, uint4, float4) are kept unpacked,
-    /// one element per byte, so kernels can index them; they are packed only in files.
+    /// Bytes one element takes in memory. Sub-byte types (int2, uint2, int4, uint4, float4) are
+    /// kept unpacked, one element per byte, so kernels can index them; they are packed only in
+    /// files.
     pub fn size(self) -> usize {
         use DType::*;
         match self {
             U8 | I8 | Bool | F8E4M3FN | F8E4M3FNUZ | F8E5M2 | F8E5M2FNUZ | U4 | I4 | F4E2M1
-            | F8E8M0 => 1,
+            | F8E8M0 | U2 | I2 => 1,
             U16 | I16 | F16 | BF16 => 2,
             F32 | I32 | U32 => 4,
             F64 | I64 | U64 | Complex64 => 8,
@@ -74,12 +78,12 @@ impl DType {
 
     pub fn is_int(self) -> bool {
         use DType::*;
-        matches!(self, U8 | I8 | U16 | I16 | I32 | I64 | U32 | U64 | U4 | I4)
+        matches!(self, U8 | I8 | U16 | I16 | I32 | I64 | U32 | U64 | U4 | I4 | U2 | I2)
     }
 
     pub fn is_signed_int(self) -> bool {
         use DType::*;
-        matches!(self, I8 | I16 | I32 | I64 | I4)
+        matches!(self, I8 | I16 | I32 | I64 | I4 | I2)
     }
 
     /// Lower-case name as used in IR dumps and `kiln inspect` (numpy-like where numpy has one).
@@ -110,6 +114,8 @@ impl DType {
             I4 => "i4",
             F4E2M1 => "f4e2m1",
             F8E8M0 => "f8e8m0",
+            U2 => "u2",
+            I2 => "i2",
         }
     }
 }
@@ -152,11 +158,12 @@ elem!(bool, DType::Bool);
 elem!(half::f16, DType::F16);
 elem!(half::bf16, DType::BF16);
 
-// int4 is kept unpacked as one i8 per element; the float8/float4 kinds and uint4 as raw u8 codes.
+// int4/int2 are kept unpacked as one i8 per element; the float8/float4 kinds and uint4/uint2 as raw
+// u8 codes.
 unsafe impl Elem for i8 {
     const DTYPE: DType = DType::I8;
     fn compatible(dtype: DType) -> bool {
-        matches!(dtype, DType::I8 | DType::I4)
+        matches!(dtype, DType::I8 | DType::I4 | DType::I2)
     }
 }
 unsafe impl Elem for u8 {
@@ -166,6 +173,7 @@ unsafe impl Elem for u8 {
             dtype,
             DType::U8
                 | DType::U4
+                | DType::U2
                 | DType::F8E4M3FN
                 | DType::F8E4M3FNUZ
                 | DType::F8E5M2

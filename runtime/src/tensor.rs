@@ -369,8 +369,12 @@ impl Tensor {
             DType::I64 => self.view::<i64>()?.to_vec(),
             DType::I32 => self.view::<i32>()?.iter().map(|&x| x as i64).collect(),
             DType::I16 => self.view::<i16>()?.iter().map(|&x| x as i64).collect(),
-            DType::I8 | DType::I4 => self.view::<i8>()?.iter().map(|&x| x as i64).collect(),
-            DType::U8 | DType::U4 => self.view::<u8>()?.iter().map(|&x| x as i64).collect(),
+            DType::I8 | DType::I4 | DType::I2 => {
+                self.view::<i8>()?.iter().map(|&x| x as i64).collect()
+            }
+            DType::U8 | DType::U4 | DType::U2 => {
+                self.view::<u8>()?.iter().map(|&x| x as i64).collect()
+            }
             DType::U16 => self.view::<u16>()?.iter().map(|&x| x as i64).collect(),
             DType::U32 => self.view::<u32>()?.iter().map(|&x| x as i64).collect(),
             DType::U64 => self.view::<u64>()?.iter().map(|&x| x as i64).collect(),

@@ -188,14 +188,28 @@ impl Prepared {
                     .into_iter()
                     .map(|v| v.map(|v| v.into_tensor()).transpose())
                     .collect::<Result<Vec<_>>>()?;
-                Ok(k(&ctx, &ts)?.into_iter().map(Value::Tensor).collect())
+                Ok(guarded(step, || k(&ctx, &ts))?.into_iter().map(Value::Tensor).collect())
             }
-            Kernel::Value(k) => k(&ctx, &inputs),
+            Kernel::Value(k) => guarded(step, || k(&ctx, &inputs)),
             Kernel::ControlFlow => {
                 control_flow::run(&ctx, &self.subs[i], artifact, inputs, frame, stats)
             }
         }
     }
+}
+
+/// Run a kernel so that a bug in it (an index out of bounds on an input combination nobody
+/// foresaw) becomes an error naming the step instead of taking down the embedding app. Kernels
+/// are meant to return `Err` themselves; this is the backstop, and costs nothing when no panic.
+fn guarded<T>(step: &Step, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Error::Other(format!("internal error in {} kernel at node '{}': {msg}", step.op, step.name)))
+    })
 }
 
 /// Evaluate one step on concrete inputs (used by compile-time constant folding).
@@ -208,7 +222,7 @@ pub fn eval_step(step: &Step, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> 
         detail: "no CPU kernel".into(),
     })?;
     match k {
-        Kernel::Tensor(k) => k(&OpCtx::new(step, None), inputs),
+        Kernel::Tensor(k) => guarded(step, || k(&OpCtx::new(step, None), inputs)),
         _ => Err(Error::Other(format!("{} cannot be evaluated as a single step", step.op))),
     }
 }

@@ -268,7 +268,7 @@ pub enum Vals {
 }
 
 /// The dtype `kiln run` writes to .npy for a value of dtype `d`: numpy has no bfloat16, float8 or
-/// float4, so those are widened to f32; 4-bit ints are written one per byte.
+/// float4, so those are widened to f32; 4-bit and 2-bit ints are written one per byte.
 pub fn npy_dtype_for(d: DType) -> DType {
     match d {
         DType::BF16
@@ -278,8 +278,8 @@ pub fn npy_dtype_for(d: DType) -> DType {
         | DType::F8E5M2FNUZ
         | DType::F4E2M1
         | DType::F8E8M0 => DType::F32,
-        DType::I4 => DType::I8,
-        DType::U4 => DType::U8,
+        DType::I4 | DType::I2 => DType::I8,
+        DType::U4 | DType::U2 => DType::U8,
         d => d,
     }
 }

@@ -11,6 +11,7 @@ mod control;
 mod dims;
 mod dtype;
 mod elementwise;
+mod ml;
 mod nn;
 mod reduce;
 mod seq;
@@ -245,6 +246,9 @@ pub(crate) fn tensor_type(dtype: Option<DType>, shape: Option<Vec<Dim>>) -> Type
 
 /// Output types of a node without subgraphs.
 fn node_types(cx: &Cx) -> Vec<Type> {
+    if let Some(types) = ml::infer(cx) {
+        return types;
+    }
     if !matches!(cx.node.domain.as_str(), "" | "ai.onnx") {
         return Vec::new();
     }

@@ -3,9 +3,10 @@
 //! `raw_data` (and external data) is shared, not copied, when it is large or already aligned for
 //! its element type; small unaligned payloads are copied so typed views on them always work.
 //! Typed fields (`float_data`, `int32_data`, …) are converted per the spec comments in onnx.proto:
-//! 16-bit floats and float8 travel as bit patterns in `int32_data`, 4-bit types as one packed byte
-//! (two elements, first in the low nibble) per entry. In memory, 4-bit types are unpacked one
-//! element per byte, int4 sign-extended. Hosts are assumed little-endian, like ONNX's raw_data.
+//! 16-bit floats and float8 travel as bit patterns in `int32_data`, 4-bit and 2-bit types as one
+//! packed byte per entry (two 4-bit or four 2-bit elements, first in the lowest bits). In memory,
+//! sub-byte types are unpacked one element per byte, int4/int2 sign-extended. Hosts are assumed
+//! little-endian, like ONNX's raw_data.
 
 use std::sync::Arc;
 
@@ -35,8 +36,6 @@ fn label(t: &TensorProto) -> String {
 pub fn dtype_of(code: i32, what: &str) -> Result<DType> {
     DType::from_onnx(code).ok_or_else(|| match code {
         0 => invalid(format!("{what} has no data type")),
-        25 => Error::DType(format!("{what}: uint2 tensors are not supported")),
-        26 => Error::DType(format!("{what}: int2 tensors are not supported")),
         c => invalid(format!("{what}: unknown data type {c}")),
     })
 }
@@ -54,8 +53,18 @@ pub fn shape_of(dims: &[i64], what: &str) -> Result<(Vec<usize>, usize)> {
     Ok((shape, n))
 }
 
-fn is_packed4(dtype: DType) -> bool {
-    matches!(dtype, DType::I4 | DType::U4 | DType::F4E2M1)
+/// Bits per element of the types stored packed in files (several elements per byte).
+fn packed_bits(dtype: DType) -> Option<u32> {
+    match dtype {
+        DType::I4 | DType::U4 | DType::F4E2M1 => Some(4),
+        DType::I2 | DType::U2 => Some(2),
+        _ => None,
+    }
+}
+
+/// Packed bytes holding `n` elements of `bits` bits each.
+fn packed_len(n: usize, bits: u32) -> usize {
+    n.div_ceil((8 / bits) as usize)
 }
 
 /// A TensorProto as a runtime tensor; external data is read through `ext`.
@@ -87,15 +96,15 @@ fn from_raw(dtype: DType, shape: &[usize], n: usize, raw: Bytes, what: &str) -> 
     if dtype == DType::String {
         return Err(invalid(format!("{what}: string tensors must use string_data, not raw_data")));
     }
-    if is_packed4(dtype) {
-        let want = n.div_ceil(2);
+    if let Some(bits) = packed_bits(dtype) {
+        let want = packed_len(n, bits);
         if raw.len() != want {
             return Err(invalid(format!(
                 "{what}: {dtype} {shape:?} needs {want} packed bytes, raw data has {}",
                 raw.len()
             )));
         }
-        return unpack4(dtype, shape, n, raw.iter().copied());
+        return unpack(dtype, bits, shape, n, raw.iter().copied());
     }
     let want = n * dtype.size();
     if raw.len() != want {
@@ -127,25 +136,40 @@ fn elem_align(dtype: DType) -> usize {
     }
 }
 
-/// Unpack 4-bit elements (first in the low nibble) into one byte each; int4 is sign-extended.
-fn unpack4(
+/// Unpack `bits`-bit elements (first in the lowest bits) into one byte each; int4/int2 are
+/// sign-extended.
+fn unpack(
     dtype: DType,
+    bits: u32,
     shape: &[usize],
     n: usize,
     packed: impl Iterator<Item = u8>,
 ) -> Result<Tensor> {
-    let mut out = Vec::with_capacity(n + 1);
+    let per_byte = 8 / bits;
+    let mask = (1u8 << bits) - 1;
+    let mut out = Vec::with_capacity(n + per_byte as usize);
     for b in packed {
-        out.push(b & 0x0f);
-        out.push(b >> 4);
+        out.extend((0..per_byte).map(|k| (b >> (k * bits)) & mask));
     }
     out.truncate(n);
-    if dtype == DType::I4 {
+    if matches!(dtype, DType::I4 | DType::I2) {
+        let shift = 8 - bits;
         for v in &mut out {
-            *v = (((*v << 4) as i8) >> 4) as u8;
+            *v = (((*v << shift) as i8) >> shift) as u8;
         }
     }
     Tensor::from_bytes(dtype, shape, &out)
+}
+
+/// Pack one-byte-per-element sub-byte values, `bits` bits each, first in the lowest bits.
+fn pack(bytes: &[u8], bits: u32) -> Vec<u8> {
+    let mask = (1u8 << bits) - 1;
+    bytes
+        .chunks((8 / bits) as usize)
+        .map(|c| {
+            c.iter().enumerate().fold(0u8, |acc, (k, &v)| acc | ((v & mask) << (k as u32 * bits)))
+        })
+        .collect()
 }
 
 fn count_check(what: &str, field: &str, have: usize, want: usize) -> Result<()> {
@@ -220,9 +244,10 @@ fn from_typed(
                 .collect();
             Tensor::from_strings(shape, strings)
         }
-        I4 | U4 | F4E2M1 => {
-            count_check(what, "int32_data", i32d.len(), n.div_ceil(2))?;
-            unpack4(dtype, shape, n, i32d.iter().map(|&x| x as u8))
+        I4 | U4 | F4E2M1 | I2 | U2 => {
+            let bits = packed_bits(dtype).unwrap_or(4);
+            count_check(what, "int32_data", i32d.len(), packed_len(n, bits))?;
+            unpack(dtype, bits, shape, n, i32d.iter().map(|&x| x as u8))
         }
         _ => {
             count_check(what, "int32_data", i32d.len(), n)?;
@@ -250,7 +275,7 @@ fn from_typed(
 }
 
 /// A runtime tensor as a TensorProto (data in `raw_data`, strings in `string_data`, 4-bit types
-/// packed two per byte).
+/// packed two per byte, 2-bit types four per byte).
 pub fn from_tensor(t: &Tensor, name: &str) -> Result<TensorProto> {
     let mut p = TensorProto {
         name: name.to_string(),
@@ -260,11 +285,8 @@ pub fn from_tensor(t: &Tensor, name: &str) -> Result<TensorProto> {
     };
     if t.dtype() == DType::String {
         p.string_data = t.strings()?.iter().map(|s| s.as_bytes().to_vec()).collect();
-    } else if is_packed4(t.dtype()) {
-        let b = t.bytes();
-        let packed: Vec<u8> =
-            b.chunks(2).map(|c| (c[0] & 0x0f) | (c.get(1).copied().unwrap_or(0) << 4)).collect();
-        p.raw_data = Bytes::from(packed);
+    } else if let Some(bits) = packed_bits(t.dtype()) {
+        p.raw_data = Bytes::from(pack(t.bytes(), bits));
     } else {
         p.raw_data = Bytes::copy_from_slice(t.bytes());
     }
@@ -381,6 +403,12 @@ mod tests {
         assert_eq!(&t.view::<i8>().unwrap()[..4], &[7, -8, -7, -6]);
         let t = load("test_cast_FLOAT_to_UINT4", "output_0.pb").unwrap();
         assert_eq!(&t.view::<u8>().unwrap()[..4], &[7, 8, 9, 10]);
+        // 2-bit raw data: 57 = 0b00_11_10_01 holds 1, -2, -1, 0 (int2) / 1, 2, 3, 0 (uint2).
+        let t = load("test_cast_FLOAT_to_INT2", "output_0.pb").unwrap();
+        assert_eq!((t.dtype(), t.shape()), (DType::I2, &[7, 1][..]));
+        assert_eq!(t.view::<i8>().unwrap(), &[1, -2, -1, 0, 1, -2, -1]);
+        let t = load("test_cast_FLOAT_to_UINT2", "output_0.pb").unwrap();
+        assert_eq!((t.dtype(), t.view::<u8>().unwrap()), (DType::U2, &[1, 2, 3, 0, 1, 2, 3][..]));
         let t = load("test_cast_FLOAT4E2M1_to_FLOAT", "input_0.pb").unwrap();
         assert_eq!((t.dtype(), t.len()), (DType::F4E2M1, 15));
         assert_eq!(&t.view::<u8>().unwrap()[..4], &[1, 0, 2, 14]);
@@ -389,6 +417,10 @@ mod tests {
         assert_eq!(t.view::<i8>().unwrap(), &[0, 1, 7, -4, -8]);
         let t = load("test_dequantizelinear_uint4", "input_0.pb").unwrap();
         assert_eq!(t.view::<u8>().unwrap(), &[0, 1, 7, 10, 15]);
+        let t = load("test_dequantizelinear_int2", "input_0.pb").unwrap();
+        assert_eq!(t.view::<i8>().unwrap(), &[0, 1, -1, -2]);
+        let t = load("test_dequantizelinear_uint2", "input_0.pb").unwrap();
+        assert_eq!(t.view::<u8>().unwrap(), &[0, 1, 2, 3]);
         let t = load("test_dequantizelinear_e4m3fn", "input_0.pb").unwrap();
         assert_eq!(
             (t.dtype(), t.view::<u8>().unwrap()),
@@ -443,6 +475,15 @@ mod tests {
         let mut p = proto(DType::I4, &[3]);
         p.int32_data = vec![0xF1, 0x08];
         assert_eq!(to_tensor_inline(&p).unwrap().view::<i8>().unwrap(), &[1, -1, -8]);
+
+        // 0x9C = 0b10_01_11_00: codes 0, 3, 1, 2 from the low bits up; 0x02 pads after code 2.
+        let mut p = proto(DType::I2, &[5]);
+        p.int32_data = vec![0x9C, 0x02];
+        assert_eq!(to_tensor_inline(&p).unwrap().view::<i8>().unwrap(), &[0, -1, 1, -2, -2]);
+        p.data_type = DType::U2.onnx_code();
+        assert_eq!(to_tensor_inline(&p).unwrap().view::<u8>().unwrap(), &[0, 3, 1, 2, 2]);
+        p.int32_data = vec![0x9C];
+        assert!(to_tensor_inline(&p).is_err(), "5 two-bit values need 2 packed bytes");
     }
 
     #[test]
@@ -460,8 +501,6 @@ mod tests {
         assert!(to_tensor_inline(&proto(DType::F32, &[1 << 40, 1 << 40])).is_err());
         assert!(to_tensor_inline(&proto(DType::F32, &[4])).is_err(), "no data");
         let mut p = proto(DType::F32, &[1]);
-        p.data_type = 26;
-        assert!(matches!(to_tensor_inline(&p), Err(Error::DType(_))));
         p.data_type = 99;
         assert!(to_tensor_inline(&p).is_err());
     }
@@ -473,9 +512,13 @@ mod tests {
             Tensor::from_vec(&[3], vec![true, false, true]).unwrap(),
             Tensor::from_slice_as(DType::I4, &[3], &[-8i8, 7, -1]).unwrap(),
             Tensor::from_slice_as(DType::U4, &[4], &[0u8, 15, 3, 9]).unwrap(),
+            Tensor::from_slice_as(DType::I2, &[5], &[-2i8, 1, -1, 0, 1]).unwrap(),
+            Tensor::from_slice_as(DType::U2, &[4], &[3u8, 0, 2, 1]).unwrap(),
             Tensor::from_strings(&[2], vec!["x".into(), "yz".into()]).unwrap(),
             Tensor::from_vec(&[0, 3], Vec::<i64>::new()).unwrap(),
         ];
+        let packed = from_tensor(&Tensor::from_slice_as(DType::U2, &[5], &[3u8, 0, 2, 1, 2]).unwrap(), "v");
+        assert_eq!(&packed.unwrap().raw_data[..], &[0b01_10_00_11, 0b10]);
         for t in cases {
             let p = from_tensor(&t, "v").unwrap();
             let back = to_tensor_inline(&p).unwrap();

@@ -1,5 +1,6 @@
 //! Cast, CastLike and BitCast between every ONNX dtype: floats, integers, bool, strings, and the
-//! low-precision kinds (float8 E4M3FN/E4M3FNUZ/E5M2/E5M2FNUZ/E8M0, float4 E2M1, int4/uint4),
+//! low-precision kinds (float8 E4M3FN/E4M3FNUZ/E5M2/E5M2FNUZ/E8M0, float4 E2M1, int4/uint4,
+//! int2/uint2),
 //! whose bit-level encodings are implemented here (round to nearest even, saturation, NaN/Inf
 //! handling as the ONNX Cast tables and reference implementation specify).
 //!
@@ -536,8 +537,8 @@ pub(crate) fn cast_tensor(x: &Tensor, to: DType, saturate: bool, rm: RoundMode) 
         | DType::F8E5M2FNUZ
         | DType::F4E2M1
         | DType::F8E8M0 => return cast_tensor(&decode_small_float(x)?, to, saturate, rm),
-        DType::I4 => return cast_tensor(&reinterpret(x, DType::I8)?, to, saturate, rm),
-        DType::U4 => return cast_tensor(&reinterpret(x, DType::U8)?, to, saturate, rm),
+        DType::I4 | DType::I2 => return cast_tensor(&reinterpret(x, DType::I8)?, to, saturate, rm),
+        DType::U4 | DType::U2 => return cast_tensor(&reinterpret(x, DType::U8)?, to, saturate, rm),
         DType::Complex64 | DType::Complex128 => {
             return Err(Error::DType(format!("cannot cast from {from}")))
         }
@@ -558,14 +559,17 @@ pub(crate) fn cast_tensor(x: &Tensor, to: DType, saturate: bool, rm: RoundMode) 
             par_map(narrow.view::<f32>()?, out.view_mut::<u8>()?, |v| e8m0_encode(v, saturate, rm));
             Ok(out)
         }
-        DType::I4 | DType::U4 => {
-            // Like wider integers, 4-bit targets keep the low bits (two's complement).
+        DType::I4 | DType::U4 | DType::I2 | DType::U2 => {
+            // Like wider integers, 4-bit and 2-bit targets keep the low bits (two's complement).
             let wide = cast_tensor(x, DType::I64, saturate, rm)?;
             let mut out = Tensor::zeros(to, x.shape());
-            if to == DType::I4 {
-                par_map(wide.view::<i64>()?, out.view_mut::<i8>()?, |v| (((v & 0xF) ^ 8) - 8) as i8);
+            let bits = sub_byte_int_bits(to);
+            let (mask, sign) = ((1i64 << bits) - 1, 1i64 << (bits - 1));
+            if to.is_signed_int() {
+                let wrap = |v: i64| (((v & mask) ^ sign) - sign) as i8;
+                par_map(wide.view::<i64>()?, out.view_mut::<i8>()?, wrap);
             } else {
-                par_map(wide.view::<i64>()?, out.view_mut::<u8>()?, |v| (v & 0xF) as u8);
+                par_map(wide.view::<i64>()?, out.view_mut::<u8>()?, |v| (v & mask) as u8);
             }
             Ok(out)
         }
@@ -604,30 +608,44 @@ pub(crate) fn reinterpret(t: &Tensor, dt: DType) -> Result<Tensor> {
     Tensor::from_buffer(dt, t.shape(), buf.clone())
 }
 
-fn is_4bit(dt: DType) -> bool {
-    matches!(dt, DType::I4 | DType::U4 | DType::F4E2M1)
+/// Bit width of the 4-bit and 2-bit integer kinds (only called with one of them).
+fn sub_byte_int_bits(dt: DType) -> u32 {
+    if matches!(dt, DType::I2 | DType::U2) {
+        2
+    } else {
+        4
+    }
 }
 
-/// BitCast: same bits, new dtype. 4-bit kinds are held one per byte, so their codes are
-/// re-extended (int4 is sign-extended in memory); bytes cast to bool become `!= 0`.
+/// Bit width of the kinds held one element per byte but narrower than a byte.
+fn sub_byte_bits(dt: DType) -> Option<u32> {
+    match dt {
+        DType::I4 | DType::U4 | DType::F4E2M1 => Some(4),
+        DType::I2 | DType::U2 => Some(2),
+        _ => None,
+    }
+}
+
+/// BitCast: same bits, new dtype. Sub-byte kinds are held one per byte, so their codes are
+/// re-extended (int4/int2 are sign-extended in memory); bytes cast to bool become `!= 0`.
 fn bitcast_tensor(x: &Tensor, to: DType) -> Result<Tensor> {
     let from = x.dtype();
-    let same_width = if is_4bit(from) || is_4bit(to) {
-        is_4bit(from) && is_4bit(to)
+    let (fb, tb) = (sub_byte_bits(from), sub_byte_bits(to));
+    let same_width = if fb.is_some() || tb.is_some() {
+        fb == tb
     } else {
         from != DType::String && to != DType::String && from.size() == to.size()
     };
     if !same_width {
         return Err(Error::DType(format!("BitCast from {from} to {to}: bit widths differ")));
     }
-    if is_4bit(from) {
-        let codes: Vec<u8> = if from == DType::I4 {
-            x.view::<i8>()?.iter().map(|&v| (v as u8) & 0xF).collect()
-        } else {
-            x.view::<u8>()?.iter().map(|&v| v & 0xF).collect()
-        };
-        return if to == DType::I4 {
-            let v: Vec<i8> = codes.iter().map(|&c| ((c ^ 8) as i8) - 8).collect();
+    if let Some(bits) = fb {
+        let mask = (1u8 << bits) - 1;
+        // The in-memory byte of a signed kind is sign-extended; masking recovers the code.
+        let codes: Vec<u8> = x.bytes().iter().map(|&v| v & mask).collect();
+        return if to.is_signed_int() {
+            let sign = 1i8 << (bits - 1);
+            let v: Vec<i8> = codes.iter().map(|&c| ((c as i8) ^ sign) - sign).collect();
             Tensor::from_slice_as(to, x.shape(), &v)
         } else {
             Tensor::from_slice_as(to, x.shape(), &codes)
@@ -766,6 +784,30 @@ mod tests {
         assert_eq!(bf.view::<bf16>().unwrap()[0].to_bits(), 0x3ef6);
         let i4 = cast_tensor(&i4, DType::F16, true, RoundMode::Up).unwrap();
         assert_eq!(i4.view::<f16>().unwrap()[0], f16::from_f32(7.0));
+    }
+
+    #[test]
+    fn two_bit_ints_wrap_and_round_trip() {
+        let x = Tensor::from_vec(&[6], vec![-3.0f32, -2.5, 1.9, 2.0, 5.0, -300.0]).unwrap();
+        let i2 = cast_tensor(&x, DType::I2, true, RoundMode::Up).unwrap();
+        assert_eq!((i2.dtype(), i2.view::<i8>().unwrap()), (DType::I2, &[1i8, -2, 1, -2, 1, 0][..]));
+        let u2 = cast_tensor(&x, DType::U2, true, RoundMode::Up).unwrap();
+        assert_eq!((u2.dtype(), u2.view::<u8>().unwrap()), (DType::U2, &[1u8, 2, 1, 2, 1, 0][..]));
+        let back = cast_tensor(&i2, DType::F16, true, RoundMode::Up).unwrap();
+        assert_eq!(back.view::<f16>().unwrap()[1], f16::from_f32(-2.0));
+        let back = cast_tensor(&i2, DType::I8, true, RoundMode::Up).unwrap();
+        assert_eq!(back.view::<i8>().unwrap(), &[1, -2, 1, -2, 1, 0]);
+        let back = cast_tensor(&u2, DType::F32, true, RoundMode::Up).unwrap();
+        assert_eq!(back.view::<f32>().unwrap(), &[1.0, 2.0, 1.0, 2.0, 1.0, 0.0]);
+        // int2 -> uint2 keeps the two's-complement bits; int4 -> int2 keeps the low two.
+        let u = cast_tensor(&Tensor::from_slice_as(DType::I2, &[2], &[-1i8, -2]).unwrap(), DType::U2, true, RoundMode::Up).unwrap();
+        assert_eq!(u.view::<u8>().unwrap(), &[3, 2]);
+        let i = cast_tensor(&Tensor::from_slice_as(DType::I4, &[2], &[7i8, -6]).unwrap(), DType::I2, true, RoundMode::Up).unwrap();
+        assert_eq!(i.view::<i8>().unwrap(), &[-1, -2]);
+        let u = Some(Tensor::from_slice_as(DType::U2, &[3], &[3u8, 2, 1]).unwrap());
+        let out = run("BitCast", 26, vec![ai("to", DType::I2 as i64)], vec![u.clone()]).unwrap();
+        assert_eq!(out.view::<i8>().unwrap(), &[-1, -2, 1]);
+        assert!(run("BitCast", 26, vec![ai("to", DType::U4 as i64)], vec![u]).is_err());
     }
 
     #[test]

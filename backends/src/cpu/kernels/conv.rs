@@ -279,7 +279,7 @@ fn depthwise<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], y: &mut [T]) {
 // Conv
 // ---------------------------------------------------------------------------------------------
 
-fn conv(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+pub(crate) fn conv(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let x = ctx.input(inputs, 0)?;
     let w = ctx.input(inputs, 1)?;
     let b = ctx.opt_input(inputs, 2);
@@ -724,8 +724,11 @@ fn causal_conv_with_state(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<
         let pv = past.map(real_vec::<R>).transpose()?;
         let plen = l + k - 1;
         let mut y = vec![<R as Real>::ZERO; b * c * l];
-        let mut state = vec![<R as Real>::ZERO; b * c * (k - 1)];
-        y.par_chunks_mut(l.max(1)).zip(state.par_chunks_mut((k - 1).max(1))).enumerate().for_each(|(p, (yr, sr))| {
+        // One state row per (batch, channel) even when k = 1 leaves it empty, so the zip below
+        // still visits every row.
+        let srow = (k - 1).max(1);
+        let mut state = vec![<R as Real>::ZERO; b * c * srow];
+        y.par_chunks_mut(l.max(1)).zip(state.par_chunks_mut(srow)).enumerate().for_each(|(p, (yr, sr))| {
             let ch = p % c;
             let mut padded = vec![<R as Real>::ZERO; plen];
             if let Some(pv) = &pv {
@@ -751,6 +754,7 @@ fn causal_conv_with_state(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<
                 sr.copy_from_slice(&padded[plen - (k - 1)..]);
             }
         });
+        state.truncate(b * c * (k - 1));
         Ok(vec![real_tensor(x.dtype(), x.shape(), y)?, real_tensor(x.dtype(), &[b, c, k - 1], state)?])
     })
 }

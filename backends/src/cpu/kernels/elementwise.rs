@@ -429,6 +429,16 @@ pub(crate) fn par_map<A: Copy + Sync, O: Send>(inp: &[A], out: &mut [O], f: impl
 
 fn prelu(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let (x, slope) = same_dtype_pair(ctx, inputs)?;
+    // Before opset 7 a 1-D slope of one value per channel applies along axis 1 (the Caffe form
+    // old exporters emit), not along the last axis as numpy broadcasting would.
+    let slope = if ctx.opset() < 7 && x.rank() > 2 && slope.rank() == 1 && slope.len() == x.shape()[1] && slope.len() > 1 {
+        let mut shape = vec![1; x.rank() - 1];
+        shape[0] = slope.len();
+        slope.reshape(&shape)?
+    } else {
+        slope.clone()
+    };
+    let slope = &slope;
     let dt = x.dtype();
     let out = crate::with_numeric!(dt, T, {
         map2::<T, T, T>(x, slope, dt, |x, s| if x.is_pos() { x } else { x.mul(s) })?

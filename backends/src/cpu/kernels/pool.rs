@@ -559,4 +559,23 @@ mod tests {
         assert_eq!(run("GlobalAveragePool", vec![], x.clone(), 1)[0].view::<f32>().unwrap(), &[2., -3.]);
         assert_eq!(run("GlobalMaxPool", vec![], x, 1)[0].view::<f32>().unwrap(), &[3., -1.]);
     }
+
+    #[test]
+    fn global_lp_pool_p2() {
+        let x = Tensor::from_vec(&[1, 2, 2], vec![1f32, 3., -1., -5.]).unwrap();
+        let y = run("GlobalLpPool", vec![], x, 1);
+        let v = y[0].view::<f32>().unwrap();
+        assert!((v[0] - 10f32.sqrt()).abs() < 1e-6 && (v[1] - 26f32.sqrt()).abs() < 1e-6, "{v:?}");
+    }
+
+    #[test]
+    fn max_roi_pool_two_by_two() {
+        // A 4x4 ramp, one roi over the whole map, 2x2 bins: the max of each quadrant.
+        let x = Tensor::from_vec(&[1, 1, 4, 4], (0..16).map(|v| v as f32).collect()).unwrap();
+        let rois = Tensor::from_vec(&[1, 5], vec![0f32, 0., 0., 3., 3.]).unwrap();
+        let step = Step { op: "MaxRoiPool".into(), opset: 19, outputs: vec![0], attrs: vec![ints("pooled_shape", &[2, 2])], ..Default::default() };
+        let y = crate::cpu::eval_step(&step, &[Some(x), Some(rois)]).unwrap();
+        assert_eq!(y[0].shape(), &[1, 1, 2, 2]);
+        assert_eq!(y[0].view::<f32>().unwrap(), &[5., 7., 13., 15.]);
+    }
 }

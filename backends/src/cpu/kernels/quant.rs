@@ -141,6 +141,8 @@ fn int_range(dt: DType) -> Option<(f64, f64)> {
         DType::I16 => (-32768.0, 32767.0),
         DType::U4 => (0.0, 15.0),
         DType::I4 => (-8.0, 7.0),
+        DType::U2 => (0.0, 3.0),
+        DType::I2 => (-2.0, 1.0),
         DType::I32 => (i32::MIN as f64, i32::MAX as f64),
         _ => return None,
     })
@@ -150,8 +152,8 @@ fn int_range(dt: DType) -> Option<(f64, f64)> {
 fn ints_i32(t: &Tensor) -> Result<Cow<'_, [i32]>> {
     Ok(match t.dtype() {
         DType::I32 => Cow::Borrowed(t.view::<i32>()?),
-        DType::U8 | DType::U4 => Cow::Owned(t.view::<u8>()?.iter().map(|&v| v as i32).collect()),
-        DType::I8 | DType::I4 => Cow::Owned(t.view::<i8>()?.iter().map(|&v| v as i32).collect()),
+        DType::U8 | DType::U4 | DType::U2 => Cow::Owned(t.view::<u8>()?.iter().map(|&v| v as i32).collect()),
+        DType::I8 | DType::I4 | DType::I2 => Cow::Owned(t.view::<i8>()?.iter().map(|&v| v as i32).collect()),
         DType::U16 => Cow::Owned(t.view::<u16>()?.iter().map(|&v| v as i32).collect()),
         DType::I16 => Cow::Owned(t.view::<i16>()?.iter().map(|&v| v as i32).collect()),
         d => return Err(Error::DType(format!("expected a quantized integer type, got {d}"))),
@@ -161,8 +163,8 @@ fn ints_i32(t: &Tensor) -> Result<Cow<'_, [i32]>> {
 /// Pack quantized integer values (already clamped) into a tensor of `dt`.
 fn int_tensor(dt: DType, shape: &[usize], v: &[i32]) -> Result<Tensor> {
     match dt {
-        DType::U8 | DType::U4 => Tensor::from_slice_as(dt, shape, &v.iter().map(|&x| x as u8).collect::<Vec<_>>()),
-        DType::I8 | DType::I4 => Tensor::from_slice_as(dt, shape, &v.iter().map(|&x| x as i8).collect::<Vec<_>>()),
+        DType::U8 | DType::U4 | DType::U2 => Tensor::from_slice_as(dt, shape, &v.iter().map(|&x| x as u8).collect::<Vec<_>>()),
+        DType::I8 | DType::I4 | DType::I2 => Tensor::from_slice_as(dt, shape, &v.iter().map(|&x| x as i8).collect::<Vec<_>>()),
         DType::U16 => Tensor::from_vec(shape, v.iter().map(|&x| x as u16).collect()),
         DType::I16 => Tensor::from_vec(shape, v.iter().map(|&x| x as i16).collect()),
         DType::I32 => Tensor::from_vec(shape, v.to_vec()),
@@ -408,6 +410,26 @@ mod tests {
         let x = Tensor::from_slice_as(DType::F8E4M3FN, &[2], &[0x38u8, 0xC0]).unwrap();
         let out = run("DequantizeLinear", 19, vec![], vec![Some(x), Some(Tensor::scalar(3.0f32))]);
         assert_eq!(out[0].view::<f32>().unwrap(), &[3.0, -6.0]);
+    }
+
+    #[test]
+    fn two_bit_ranges() {
+        let x = Tensor::from_vec(&[5], vec![2.5f32, 4.8, -4.0, -3.0, 0.4]).unwrap();
+        let zp = Tensor::from_slice_as(DType::I2, &[], &[0i8]).unwrap();
+        let out = run("QuantizeLinear", 21, vec![], vec![Some(x.clone()), Some(Tensor::scalar(2.0f32)), Some(zp)]);
+        assert_eq!((out[0].dtype(), out[0].view::<i8>().unwrap()), (DType::I2, &[1i8, 1, -2, -2, 0][..]));
+        let zp = Tensor::from_slice_as(DType::U2, &[], &[1u8]).unwrap();
+        let out = run("QuantizeLinear", 21, vec![], vec![Some(x), Some(Tensor::scalar(2.0f32)), Some(zp)]);
+        assert_eq!((out[0].dtype(), out[0].view::<u8>().unwrap()), (DType::U2, &[2u8, 3, 0, 0, 1][..]));
+
+        let x = Tensor::from_slice_as(DType::I2, &[4], &[0i8, 1, -1, -2]).unwrap();
+        let zp = Tensor::from_slice_as(DType::I2, &[], &[1i8]).unwrap();
+        let out = run("DequantizeLinear", 21, vec![], vec![Some(x), Some(Tensor::scalar(2.0f32)), Some(zp)]);
+        assert_eq!(out[0].view::<f32>().unwrap(), &[-2.0, 0.0, -4.0, -6.0]);
+        let x = Tensor::from_slice_as(DType::U2, &[4], &[0u8, 1, 2, 3]).unwrap();
+        let zp = Tensor::from_slice_as(DType::U2, &[], &[3u8]).unwrap();
+        let out = run("DequantizeLinear", 21, vec![], vec![Some(x), Some(Tensor::scalar(0.5f32)), Some(zp)]);
+        assert_eq!(out[0].view::<f32>().unwrap(), &[-1.5, -1.0, -0.5, 0.0]);
     }
 
     #[test]

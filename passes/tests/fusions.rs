@@ -1,0 +1,242 @@
+//! Each fusion on a small hand-built graph: the default pipeline must rewrite it into the expected
+//! op and compute the same outputs as the graph compiled with every optimisation skipped (both run
+//! on the CPU backend). The fused IR of each is snapshot-tested with insta.
+
+use kiln_backends::CpuBackend;
+use kiln_compiler::dump::dump;
+use kiln_compiler::ir::{AttrValue, Attribute, Dim, Graph, Model, Node, Type, ValueId};
+use kiln_passes::pipeline::compile_model;
+use kiln_passes::{CompileOptions, OPTIMIZATIONS};
+use kiln_runtime::{Artifact, DType, Tensor};
+
+struct Builder {
+    g: Graph,
+}
+
+impl Builder {
+    fn new() -> Builder {
+        Builder { g: Graph { name: "main".into(), ..Default::default() } }
+    }
+
+    fn input(&mut self, name: &str, shape: &[usize]) -> ValueId {
+        let v = self.g.add_value(name, Type::tensor(DType::F32, shape.iter().map(|&d| Dim::Fixed(d)).collect()));
+        self.g.inputs.push(v);
+        v
+    }
+
+    fn konst(&mut self, name: &str, shape: &[usize], v: Vec<f32>) -> ValueId {
+        self.g.add_const(name, Tensor::from_vec(shape, v).unwrap())
+    }
+
+    fn scalar(&mut self, v: f32) -> ValueId {
+        let name = format!("c{}", self.g.values.len());
+        self.g.add_const(name, Tensor::scalar(v))
+    }
+
+    fn node(&mut self, op: &str, opset: i64, inputs: &[ValueId], attrs: Vec<Attribute>) -> ValueId {
+        let out = self.g.add_value(format!("{}_{}", op.to_lowercase(), self.g.values.len()), Type::Unknown);
+        self.g.nodes.push(Node {
+            name: format!("{op}_{}", self.g.nodes.len()),
+            op: op.into(),
+            domain: String::new(),
+            opset,
+            inputs: inputs.iter().map(|&v| Some(v)).collect(),
+            outputs: vec![Some(out)],
+            attrs,
+        });
+        out
+    }
+
+    fn finish(mut self, outputs: &[ValueId]) -> Model {
+        self.g.outputs = outputs.to_vec();
+        Model { graph: self.g, opsets: vec![(String::new(), 17)], ir_version: 8, ..Default::default() }
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> Attribute {
+    Attribute { name: name.into(), value: AttrValue::Ints(v.to_vec()) }
+}
+
+/// A deterministic spread of values in [-3, 3].
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 * 6.0 - 3.0
+        })
+        .collect()
+}
+
+fn run(model: &Model, opts: &CompileOptions, inputs: &[Tensor]) -> (Vec<Tensor>, Model) {
+    let compiled = compile_model(model.clone(), opts).expect("compiles");
+    let bytes = kiln_compiler::writer::to_bytes(&compiled.lowered).expect("serializes");
+    let art = Artifact::from_vec(bytes).expect("valid artifact");
+    let m = kiln_runtime::Model::new(art, &CpuBackend::new(1).unwrap()).expect("loads");
+    let out = m.session().run(inputs.to_vec()).expect("runs");
+    (out, compiled.model)
+}
+
+/// Compile with and without optimisations, require the same outputs, return the fused IR.
+fn check(model: Model, inputs: &[Tensor], expect_ops: &[&str]) -> Model {
+    let unopt = CompileOptions { skip: OPTIMIZATIONS.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    let (want, _) = run(&model, &unopt, inputs);
+    let (got, fused) = run(&model, &CompileOptions::default(), inputs);
+    let ops: Vec<String> = fused.graph.nodes.iter().map(|n| n.op.clone()).collect();
+    assert_eq!(ops, expect_ops, "ops after fusion");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.shape(), w.shape());
+        for (a, b) in g.view::<f32>().unwrap().iter().zip(w.view::<f32>().unwrap()) {
+            assert!((a - b).abs() <= 1e-5 + 1e-5 * b.abs(), "fused {a} vs unfused {b}");
+        }
+    }
+    fused
+}
+
+#[test]
+fn gelu_erf_form() {
+    let mut b = Builder::new();
+    let x = b.input("x", &[2, 8]);
+    let sqrt2 = b.scalar(std::f32::consts::SQRT_2);
+    let one = b.scalar(1.0);
+    let half = b.scalar(0.5);
+    let d = b.node("Div", 17, &[x, sqrt2], vec![]);
+    let e = b.node("Erf", 17, &[d], vec![]);
+    let a = b.node("Add", 17, &[e, one], vec![]);
+    let m = b.node("Mul", 17, &[x, a], vec![]);
+    let y = b.node("Mul", 17, &[m, half], vec![]);
+    let fused = check(b.finish(&[y]), &[Tensor::from_vec(&[2, 8], data(16, 1)).unwrap()], &["Gelu"]);
+    insta::assert_snapshot!(dump(&fused));
+}
+
+#[test]
+fn gelu_tanh_form() {
+    let mut b = Builder::new();
+    let x = b.input("x", &[3, 5]);
+    let three = b.scalar(3.0);
+    let c = b.scalar(0.044715);
+    let k = b.scalar((2.0f32 / std::f32::consts::PI).sqrt());
+    let one = b.scalar(1.0);
+    let half = b.scalar(0.5);
+    let cube = b.node("Pow", 17, &[x, three], vec![]);
+    let cc = b.node("Mul", 17, &[cube, c], vec![]);
+    let inner = b.node("Add", 17, &[x, cc], vec![]);
+    let arg = b.node("Mul", 17, &[inner, k], vec![]);
+    let t = b.node("Tanh", 17, &[arg], vec![]);
+    let t1 = b.node("Add", 17, &[t, one], vec![]);
+    let xh = b.node("Mul", 17, &[x, half], vec![]);
+    let y = b.node("Mul", 17, &[xh, t1], vec![]);
+    check(b.finish(&[y]), &[Tensor::from_vec(&[3, 5], data(15, 2)).unwrap()], &["Gelu"]);
+}
+
+#[test]
+fn layernorm_decomposed() {
+    let mut b = Builder::new();
+    let x = b.input("x", &[2, 3, 8]);
+    let two = b.scalar(2.0);
+    let eps = b.scalar(1e-5);
+    let gamma = b.konst("gamma", &[8], data(8, 3));
+    let beta = b.konst("beta", &[8], data(8, 4));
+    let mean = b.node("ReduceMean", 17, &[x], vec![ints("axes", &[-1])]);
+    let d = b.node("Sub", 17, &[x, mean], vec![]);
+    let sq = b.node("Pow", 17, &[d, two], vec![]);
+    let var = b.node("ReduceMean", 17, &[sq], vec![ints("axes", &[-1])]);
+    let ve = b.node("Add", 17, &[var, eps], vec![]);
+    let sd = b.node("Sqrt", 17, &[ve], vec![]);
+    let n = b.node("Div", 17, &[d, sd], vec![]);
+    let sc = b.node("Mul", 17, &[n, gamma], vec![]);
+    let y = b.node("Add", 17, &[sc, beta], vec![]);
+    let fused = check(b.finish(&[y]), &[Tensor::from_vec(&[2, 3, 8], data(48, 5)).unwrap()], &["LayerNormalization"]);
+    insta::assert_snapshot!(dump(&fused));
+}
+
+#[test]
+fn layernorm_over_a_middle_axis_is_left_alone() {
+    let mut b = Builder::new();
+    let x = b.input("x", &[2, 8, 3]);
+    let two = b.scalar(2.0);
+    let eps = b.scalar(1e-5);
+    let gamma = b.konst("gamma", &[1, 3], data(3, 3));
+    let beta = b.konst("beta", &[1, 3], data(3, 4));
+    let mean = b.node("ReduceMean", 17, &[x], vec![ints("axes", &[1])]);
+    let d = b.node("Sub", 17, &[x, mean], vec![]);
+    let sq = b.node("Pow", 17, &[d, two], vec![]);
+    let var = b.node("ReduceMean", 17, &[sq], vec![ints("axes", &[1])]);
+    let ve = b.node("Add", 17, &[var, eps], vec![]);
+    let sd = b.node("Sqrt", 17, &[ve], vec![]);
+    let n = b.node("Div", 17, &[d, sd], vec![]);
+    let sc = b.node("Mul", 17, &[n, gamma], vec![]);
+    let y = b.node("Add", 17, &[sc, beta], vec![]);
+    check(
+        b.finish(&[y]),
+        &[Tensor::from_vec(&[2, 8, 3], data(48, 6)).unwrap()],
+        &["ReduceMean", "Sub", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Add"],
+    );
+}
+
+#[test]
+fn matmul_bias_relu_becomes_one_fused_matmul() {
+    let mut b = Builder::new();
+    let x = b.input("x", &[1, 4, 6]);
+    let w = b.konst("w", &[6, 5], data(30, 7));
+    let bias = b.konst("bias", &[5], data(5, 8));
+    let mm = b.node("MatMul", 17, &[x, w], vec![]);
+    let a = b.node("Add", 17, &[mm, bias], vec![]);
+    let y = b.node("Relu", 17, &[a], vec![]);
+    let fused = check(b.finish(&[y]), &[Tensor::from_vec(&[1, 4, 6], data(24, 9)).unwrap()], &["FusedMatMul"]);
+    insta::assert_snapshot!(dump(&fused));
+}
+
+#[test]
+fn conv_batchnorm_clip_becomes_one_fused_conv() {
+    let mut b = Builder::new();
+    let x = b.input("x", &[1, 2, 5, 5]);
+    let w = b.konst("w", &[3, 2, 3, 3], data(54, 10));
+    let cb = b.konst("cb", &[3], data(3, 11));
+    let scale = b.konst("scale", &[3], vec![0.5, 1.5, -1.0]);
+    let bias = b.konst("bias", &[3], data(3, 12));
+    let mean = b.konst("mean", &[3], data(3, 13));
+    let var = b.konst("var", &[3], vec![0.25, 1.0, 4.0]);
+    let lo = b.scalar(0.0);
+    let hi = b.scalar(6.0);
+    let pads = ints("pads", &[1, 1, 1, 1]);
+    let c = b.node("Conv", 17, &[x, w, cb], vec![pads]);
+    let bn = b.node("BatchNormalization", 15, &[c, scale, bias, mean, var], vec![]);
+    let y = b.node("Clip", 17, &[bn, lo, hi], vec![]);
+    let fused = check(b.finish(&[y]), &[Tensor::from_vec(&[1, 2, 5, 5], data(50, 14)).unwrap()], &["FusedConv"]);
+    insta::assert_snapshot!(dump(&fused));
+}
+
+#[test]
+fn hardswish_softmax_and_identity() {
+    let mut b = Builder::new();
+    let x = b.input("x", &[2, 6]);
+    let three = b.scalar(3.0);
+    let zero = b.scalar(0.0);
+    let six = b.scalar(6.0);
+    let id = b.node("Identity", 17, &[x], vec![]);
+    let p3 = b.node("Add", 17, &[id, three], vec![]);
+    let r6 = b.node("Clip", 17, &[p3, zero, six], vec![]);
+    let m = b.node("Mul", 17, &[id, r6], vec![]);
+    let six2 = b.scalar(6.0);
+    let hs = b.node("Div", 17, &[m, six2], vec![]);
+    let mx = b.node("ReduceMax", 17, &[hs], vec![ints("axes", &[-1])]);
+    let sh = b.node("Sub", 17, &[hs, mx], vec![]);
+    let e = b.node("Exp", 17, &[sh], vec![]);
+    let axes = b.g.add_const("axes", Tensor::from_vec(&[1], vec![-1i64]).unwrap());
+    let s = b.node("ReduceSum", 17, &[e, axes], vec![]);
+    let y = b.node("Div", 17, &[e, s], vec![]);
+    check(b.finish(&[y]), &[Tensor::from_vec(&[2, 6], data(12, 15)).unwrap()], &["HardSwish", "Softmax"]);
+}
+
+#[test]
+fn a_value_read_outside_the_pattern_blocks_the_fusion() {
+    // The MatMul result is also a graph output, so MatMul + Add must stay apart.
+    let mut b = Builder::new();
+    let x = b.input("x", &[2, 3]);
+    let w = b.konst("w", &[3, 2], data(6, 16));
+    let bias = b.konst("bias", &[2], data(2, 17));
+    let mm = b.node("MatMul", 17, &[x, w], vec![]);
+    let y = b.node("Add", 17, &[mm, bias], vec![]);
+    check(b.finish(&[y, mm]), &[Tensor::from_vec(&[2, 3], data(6, 18)).unwrap()], &["MatMul", "Add"]);
+}
