@@ -7,6 +7,8 @@ use kiln_runtime::{Artifact, Backend, Executable, Result, SessionState, Value};
 pub mod ctx;
 mod control_flow;
 mod interp;
+pub mod gemm;
+pub mod isa;
 pub mod kernels;
 pub mod registry;
 pub mod util;

@@ -141,6 +141,23 @@ fn naive_product<T: MatElem>(m: usize, n: usize, k: usize, a: Mat<T>, b: Mat<T>,
 /// The one call into the `gemm` crate: `c = alpha·a·b` (`c += alpha·a·b` if `acc`).
 #[allow(clippy::too_many_arguments)]
 fn crate_gemm<T: 'static + Copy>(m: usize, n: usize, k: usize, alpha: T, a: Mat<T>, b: Mat<T>, acc: bool, c: &mut [T], ldc: usize, par: bool) {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // f32 goes to our packed SIMD GEMM (crate::cpu::gemm); f64 stays on the gemm crate for now.
+        use crate::cpu::gemm::{sgemm, BRef, Epilogue, MatRef};
+        // SAFETY: T is f32 (checked above), so these are the same memory with the same type.
+        let (a32, b32, c32, alpha32) = unsafe {
+            let cast = |s: &[T]| std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len());
+            (
+                MatRef::new(cast(a.data), a.rs, a.cs),
+                MatRef::new(cast(b.data), b.rs, b.cs),
+                std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len()),
+                *(&alpha as *const T as *const f32),
+            )
+        };
+        let epi = Epilogue { alpha: alpha32, ..Epilogue::NONE };
+        sgemm(m, n, k, a32, BRef::Mat(b32), c32, ldc, acc, &epi, par).expect("operands checked by the callers");
+        return;
+    }
     let one: T = unsafe { one_of::<T>() };
     let par = if par { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     // SAFETY: `gemm` checked that every operand index lies inside its slice; T is f32 or f64.

@@ -1,0 +1,236 @@
+//! Operand packing for the GEMM microkernels.
+//!
+//! B is cut into NR-wide column panels stored K-major (`panel[p·NR + j]`), zero-padded past N, so a
+//! microkernel streams one contiguous KC×NR sliver per tile. A is cut per KC block into MR-row
+//! panels, also K-major (`panel[p·MR + i]`), so each k step broadcasts MR consecutive floats.
+//! `PackedB` holds a whole packed B (all of K) that can be built once and reused across calls, and
+//! serialized into an artifact (`as_bytes` / `from_bytes`).
+
+use kiln_runtime::{Error, Result};
+
+use super::MatRef;
+use crate::cpu::isa::Isa;
+
+/// 64 bytes: the alignment of every packed buffer (one cache line, one AVX-512 vector).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+pub(crate) struct Line([f32; 16]);
+
+/// A growable 64-byte aligned f32 buffer.
+#[derive(Default)]
+pub(crate) struct AlignedBuf {
+    lines: Vec<Line>,
+}
+
+impl AlignedBuf {
+    /// At least `len` floats (contents unspecified but initialized).
+    pub fn get(&mut self, len: usize) -> &mut [f32] {
+        let lines = len.div_ceil(16);
+        if self.lines.len() < lines {
+            self.lines.resize(lines, Line::default());
+        }
+        // SAFETY: Line is 16 plain f32s with no padding.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut f32, len) }
+    }
+}
+
+/// Pack rows `pc..pc+kc` × columns `j0..j0+nc` of `b` into `ceil(nc/nr)` panels of `kc·nr` floats.
+pub(crate) fn pack_b(dst: &mut [f32], b: MatRef, pc: usize, kc: usize, j0: usize, nc: usize, nr: usize) {
+    for (pi, panel) in dst.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+        let jb = j0 + pi * nr;
+        let w = nr.min(j0 + nc - jb);
+        pack_b_panel(panel, b, pc, jb, w, nr);
+    }
+}
+
+/// One panel: `w ≤ nr` real columns starting at `jb`, the rest zero.
+fn pack_b_panel(panel: &mut [f32], b: MatRef, pc: usize, jb: usize, w: usize, nr: usize) {
+    if b.cs == 1 {
+        for (p, out) in panel.chunks_exact_mut(nr).enumerate() {
+            let off = (pc + p) * b.rs + jb;
+            out[..w].copy_from_slice(&b.data[off..off + w]);
+            out[w..].fill(0.0);
+        }
+    } else {
+        for (p, out) in panel.chunks_exact_mut(nr).enumerate() {
+            let off = (pc + p) * b.rs + jb * b.cs;
+            for (j, o) in out[..w].iter_mut().enumerate() {
+                *o = b.data[off + j * b.cs];
+            }
+            out[w..].fill(0.0);
+        }
+    }
+}
+
+/// Pack rows `i0..i0+mc` × columns `pc..pc+kc` of `a` into `ceil(mc/mr)` panels of `kc·mr` floats.
+/// Rows past `mc` in the last panel are left as they are: kernels read only the rows they compute.
+pub(crate) fn pack_a(dst: &mut [f32], a: MatRef, i0: usize, mc: usize, pc: usize, kc: usize, mr: usize) {
+    for (pi, panel) in dst.chunks_exact_mut(kc * mr).take(mc.div_ceil(mr)).enumerate() {
+        let ib = i0 + pi * mr;
+        let h = mr.min(i0 + mc - ib);
+        if a.rs == 1 {
+            // Transposed A: each k step's rows are contiguous.
+            for (p, out) in panel.chunks_exact_mut(mr).enumerate() {
+                let off = (pc + p) * a.cs + ib;
+                out[..h].copy_from_slice(&a.data[off..off + h]);
+            }
+        } else {
+            for i in 0..h {
+                let off = (ib + i) * a.rs + pc * a.cs;
+                if a.cs == 1 {
+                    for (p, &v) in a.data[off..off + kc].iter().enumerate() {
+                        panel[p * mr + i] = v;
+                    }
+                } else {
+                    for p in 0..kc {
+                        panel[p * mr + i] = a.data[off + p * a.cs];
+                    }
+                }
+            }
+        }
+    }
+}
+
+const MAGIC: [u8; 8] = *b"KILNPKB1";
+
+/// A B operand packed once for a given kernel family: `ceil(n/nr)` panels of `k·nr` floats.
+///
+/// Storage is one 64-byte aligned buffer whose first line is a header (magic, isa, nr, k, n), so
+/// `as_bytes` is the serialized form without copying.
+pub struct PackedB {
+    buf: AlignedBuf,
+    isa: Isa,
+    nr: usize,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// Pack the k×n matrix `b` for the kernels of `isa`.
+    pub fn new(isa: Isa, b: MatRef, k: usize, n: usize) -> Result<PackedB> {
+        if !b.fits(k, n) {
+            return Err(Error::Other(format!("PackedB: operand too small for {k}x{n}")));
+        }
+        let nr = super::nr_for(isa);
+        let mut p = PackedB::alloc(isa, nr, k, n);
+        if k > 0 {
+            pack_b(p.data_mut(), b, 0, k, 0, n, nr);
+        }
+        Ok(p)
+    }
+
+    /// Pack for the ISA kernels use now.
+    pub fn for_active(b: MatRef, k: usize, n: usize) -> Result<PackedB> {
+        PackedB::new(crate::cpu::isa::active(), b, k, n)
+    }
+
+    fn data_len(nr: usize, k: usize, n: usize) -> usize {
+        n.div_ceil(nr) * k * nr
+    }
+
+    fn alloc(isa: Isa, nr: usize, k: usize, n: usize) -> PackedB {
+        let mut buf = AlignedBuf::default();
+        let len = 16 + PackedB::data_len(nr, k, n);
+        buf.get(len).fill(0.0);
+        let mut p = PackedB { buf, isa, nr, k, n };
+        p.write_header();
+        p
+    }
+
+    fn write_header(&mut self) {
+        let mut h = [0u8; 64];
+        h[..8].copy_from_slice(&MAGIC);
+        h[8..12].copy_from_slice(&self.isa.code().to_le_bytes());
+        h[12..16].copy_from_slice(&(self.nr as u32).to_le_bytes());
+        h[16..24].copy_from_slice(&(self.k as u64).to_le_bytes());
+        h[24..32].copy_from_slice(&(self.n as u64).to_le_bytes());
+        let line = &mut self.buf.lines[0].0;
+        for (f, c) in line.iter_mut().zip(h.chunks_exact(4)) {
+            *f = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+    pub fn nr(&self) -> usize {
+        self.nr
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The panels (after the header line).
+    pub fn data(&self) -> &[f32] {
+        let len = PackedB::data_len(self.nr, self.k, self.n);
+        // SAFETY: the buffer holds 16 + len floats (alloc).
+        unsafe { std::slice::from_raw_parts((self.buf.lines.as_ptr() as *const f32).add(16), len) }
+    }
+
+    fn data_mut(&mut self) -> &mut [f32] {
+        let len = PackedB::data_len(self.nr, self.k, self.n);
+        &mut self.buf.get(16 + len)[16..]
+    }
+
+    /// Serialized form: a 64-byte header then the panels as native-endian f32.
+    pub fn as_bytes(&self) -> &[u8] {
+        let floats = 16 + PackedB::data_len(self.nr, self.k, self.n);
+        // SAFETY: plain floats viewed as bytes.
+        unsafe { std::slice::from_raw_parts(self.buf.lines.as_ptr() as *const u8, floats * 4) }
+    }
+
+    /// Rebuild from `as_bytes` output, checking magic, ISA, panel width and size.
+    pub fn from_bytes(bytes: &[u8]) -> Result<PackedB> {
+        let bad = |why: &str| Error::Other(format!("invalid packed GEMM weights: {why}"));
+        if bytes.len() < 64 || bytes[..8] != MAGIC {
+            return Err(bad("bad header"));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+        let isa = Isa::from_code(u32_at(8)).ok_or_else(|| bad("unknown ISA"))?;
+        let nr = u32_at(12) as usize;
+        if nr != super::nr_for(isa) {
+            return Err(bad(&format!("panel width {nr} does not match the {isa} kernels")));
+        }
+        let k = usize::try_from(u64_at(16)).map_err(|_| bad("k too large"))?;
+        let n = usize::try_from(u64_at(24)).map_err(|_| bad("n too large"))?;
+        let len = n.checked_add(nr - 1).map(|v| v / nr).and_then(|p| p.checked_mul(k)).and_then(|v| v.checked_mul(nr));
+        let len = len.ok_or_else(|| bad("size overflow"))?;
+        if bytes.len() != (16 + len) * 4 {
+            return Err(bad(&format!("{} bytes for k={k} n={n} nr={nr}", bytes.len())));
+        }
+        let mut p = PackedB::alloc(isa, nr, k, n);
+        for (f, c) in p.data_mut().iter_mut().zip(bytes[64..].chunks_exact(4)) {
+            *f = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(p)
+    }
+
+    /// Element (p, j) of the original B (tests, relayout).
+    pub fn get(&self, p: usize, j: usize) -> f32 {
+        self.data()[(j / self.nr) * self.k * self.nr + p * self.nr + j % self.nr]
+    }
+
+    /// The same B packed for another ISA's kernels.
+    pub fn repack(&self, isa: Isa) -> PackedB {
+        let nr = super::nr_for(isa);
+        let mut out = PackedB::alloc(isa, nr, self.k, self.n);
+        let (k, n) = (self.k, self.n);
+        let d = out.data_mut();
+        for j in 0..n {
+            for p in 0..k {
+                d[(j / nr) * k * nr + p * nr + j % nr] = self.get(p, j);
+            }
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB({} k={} n={} nr={})", self.isa, self.k, self.n, self.nr)
+    }
+}

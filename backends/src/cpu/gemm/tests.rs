@@ -1,0 +1,273 @@
+//! sgemm against a triple-loop f64 reference, for every ISA this CPU supports.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::cpu::isa::available;
+
+/// Deterministic values in [-1, 1).
+fn fill(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn act_ref(x: f64, act: Act) -> f64 {
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    match act {
+        Act::None => x,
+        Act::Relu => x.max(0.0),
+        Act::Clip(lo, hi) => x.max(lo as f64).min(hi as f64),
+        Act::LeakyRelu(a) => if x < 0.0 { a as f64 * x } else { x },
+        Act::Sigmoid => sig(x),
+        Act::HardSigmoid(a, b) => (a as f64 * x + b as f64).clamp(0.0, 1.0),
+        Act::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
+        Act::Silu => x * sig(x),
+        Act::GeluErf => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        Act::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
+    }
+}
+
+const ACTS: [Act; 10] = [
+    Act::None,
+    Act::Relu,
+    Act::Clip(-0.5, 0.75),
+    Act::LeakyRelu(0.1),
+    Act::Sigmoid,
+    Act::HardSigmoid(0.2, 0.5),
+    Act::HardSwish,
+    Act::Silu,
+    Act::GeluErf,
+    Act::GeluTanh,
+];
+
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+    bias: bool,
+    act: Act,
+    alpha: f32,
+    prepacked: bool,
+    parallel: bool,
+    extra_ldc: usize,
+}
+
+fn run_case(isa: Isa, t: &Case) -> std::result::Result<(), String> {
+    let Case { m, n, k, .. } = *t;
+    let a_data = fill(m * k, 1 + (m * 31 + k) as u64);
+    let b_data = fill(k * n, 2 + (k * 17 + n) as u64);
+    let bias = fill(n, 3);
+    let ldc = n + t.extra_ldc;
+    let c0 = fill(m.max(1) * ldc, 4);
+    // A is m×k; stored transposed (k×m row-major) when trans_a.
+    let a = if t.trans_a { MatRef::cols(&a_data, m) } else { MatRef::rows(&a_data, k) };
+    let b = if t.trans_b { MatRef::cols(&b_data, k) } else { MatRef::rows(&b_data, n) };
+    let at = |i: usize, p: usize| a.data[i * a.rs + p * a.cs] as f64;
+    let bt = |p: usize, j: usize| b.data[p * b.rs + j * b.cs] as f64;
+    let epi = Epilogue { alpha: t.alpha, bias: t.bias.then_some(&bias[..]), act: t.act };
+    let packed;
+    let bref = if t.prepacked {
+        packed = PackedB::new(isa, b, k, n).map_err(|e| e.to_string())?;
+        BRef::Packed(&packed)
+    } else {
+        BRef::Mat(b)
+    };
+    let mut c = c0.clone();
+    sgemm_with(isa, m, n, k, a, bref, &mut c, ldc, t.accumulate, &epi, t.parallel).map_err(|e| e.to_string())?;
+    for i in 0..m {
+        for j in 0..ldc {
+            let got = c[i * ldc + j];
+            if j >= n {
+                if got != c0[i * ldc + j] {
+                    return Err(format!("{isa}: wrote padding at ({i},{j})"));
+                }
+                continue;
+            }
+            let mut s = 0f64;
+            let mut mag = 0f64;
+            for p in 0..k {
+                s += at(i, p) * bt(p, j);
+                mag += (at(i, p) * bt(p, j)).abs();
+            }
+            let mut v = t.alpha as f64 * s;
+            if t.accumulate {
+                v += c0[i * ldc + j] as f64;
+            }
+            if t.bias {
+                v += bias[j] as f64;
+            }
+            let want = act_ref(v, t.act);
+            // f32 summation error grows with k and the magnitude of the terms.
+            let tol = 1e-5 * (1.0 + mag + v.abs()) + 2e-6 * want.abs();
+            if (got as f64 - want).abs() > tol {
+                return Err(format!("{isa} ({i},{j}) of {m}x{n}x{k}: got {got}, want {want}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn base(m: usize, n: usize, k: usize) -> Case {
+    Case {
+        m,
+        n,
+        k,
+        trans_a: false,
+        trans_b: false,
+        accumulate: false,
+        bias: false,
+        act: Act::None,
+        alpha: 1.0,
+        prepacked: false,
+        parallel: false,
+        extra_ldc: 0,
+    }
+}
+
+#[test]
+fn every_isa_fixed_shapes() {
+    let shapes = [
+        (1, 1, 1),
+        (1, 384, 384),
+        (3, 5, 7),
+        (14, 32, 1),
+        (15, 33, 17),
+        (26, 100, 300),
+        (29, 67, 257),
+        (64, 97, 513),
+        (130, 70, 45),
+    ];
+    for isa in available() {
+        for &(m, n, k) in &shapes {
+            for prepacked in [false, true] {
+                for parallel in [false, true] {
+                    let t = Case { prepacked, parallel, ..base(m, n, k) };
+                    run_case(isa, &t).unwrap();
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_act_with_bias_and_accumulate() {
+    for isa in available() {
+        for act in ACTS {
+            let t = Case { act, bias: true, accumulate: true, alpha: 0.5, extra_ldc: 3, ..base(17, 45, 29) };
+            run_case(isa, &t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn zero_k_and_empty() {
+    for isa in available() {
+        let t = Case { bias: true, act: Act::Relu, ..base(3, 5, 0) };
+        run_case(isa, &t).unwrap();
+        let t = Case { accumulate: true, ..base(3, 5, 0) };
+        run_case(isa, &t).unwrap();
+        let mut c = vec![];
+        let empty = MatRef::rows(&[], 0);
+        sgemm_with(isa, 0, 0, 4, empty, BRef::Mat(empty), &mut c, 0, false, &Epilogue::NONE, false).unwrap();
+    }
+}
+
+#[test]
+fn bad_operands_are_errors() {
+    let a = vec![0f32; 6];
+    let b = vec![0f32; 5];
+    let mut c = vec![0f32; 9];
+    let r = sgemm(3, 3, 2, MatRef::rows(&a, 2), BRef::Mat(MatRef::rows(&b, 3)), &mut c, 3, false, &Epilogue::NONE, false);
+    assert!(r.is_err());
+}
+
+#[test]
+fn packed_b_round_trips_and_relays() {
+    let isa = crate::cpu::isa::best();
+    let b = fill(37 * 41, 9);
+    let p = PackedB::new(isa, MatRef::rows(&b, 41), 37, 41).unwrap();
+    assert_eq!(p.as_bytes().as_ptr() as usize % 64, 0);
+    let q = PackedB::from_bytes(p.as_bytes()).unwrap();
+    assert_eq!((q.k(), q.n(), q.nr(), q.isa()), (37, 41, p.nr(), isa));
+    assert_eq!(q.data(), p.data());
+    for (pp, j) in [(0, 0), (36, 40), (5, 33)] {
+        assert_eq!(q.get(pp, j), b[pp * 41 + j]);
+    }
+    // Packed for another ISA (e.g. an artifact from another machine): relaid on use.
+    let other = PackedB::new(Isa::Neon, MatRef::rows(&b, 41), 37, 41).unwrap();
+    let a = fill(5 * 37, 10);
+    let mut c1 = vec![0f32; 5 * 41];
+    let mut c2 = vec![0f32; 5 * 41];
+    sgemm(5, 41, 37, MatRef::rows(&a, 37), BRef::Packed(&other), &mut c1, 41, false, &Epilogue::NONE, false).unwrap();
+    sgemm(5, 41, 37, MatRef::rows(&a, 37), BRef::Mat(MatRef::rows(&b, 41)), &mut c2, 41, false, &Epilogue::NONE, false).unwrap();
+    assert_eq!(c1, c2);
+    // Corruptions are caught.
+    let bytes = p.as_bytes().to_vec();
+    assert!(PackedB::from_bytes(&bytes[..bytes.len() - 4]).is_err());
+    let mut bad = bytes.clone();
+    bad[0] = b'X';
+    assert!(PackedB::from_bytes(&bad).is_err());
+    let mut bad = bytes;
+    bad[12] = 7;
+    assert!(PackedB::from_bytes(&bad).is_err());
+}
+
+#[test]
+fn hand_computed() {
+    // [1 2; 3 4] · [5 6; 7 8] = [19 22; 43 50], + bias [1, -100], relu.
+    let a = [1f32, 2., 3., 4.];
+    let b = [5f32, 6., 7., 8.];
+    for isa in available() {
+        let mut c = [0f32; 4];
+        let epi = Epilogue::new(Some(&[1.0, -100.0]), Act::Relu);
+        sgemm_with(isa, 2, 2, 2, MatRef::rows(&a, 2), BRef::Mat(MatRef::rows(&b, 2)), &mut c, 2, false, &epi, false)
+            .unwrap();
+        assert_eq!(c, [20., 0., 44., 0.], "{isa}");
+    }
+}
+
+fn act_strategy() -> impl Strategy<Value = Act> {
+    (0..ACTS.len()).prop_map(|i| ACTS[i])
+}
+
+fn dim() -> impl Strategy<Value = usize> {
+    prop_oneof![1..=4usize, Just(7usize), Just(13), Just(31), Just(37), 1..=80usize]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn matches_reference(
+        m in dim(), n in dim(), k in prop_oneof![1..=3usize, Just(97usize), Just(263), 1..=300usize],
+        trans_a: bool, trans_b: bool, accumulate: bool, bias: bool, prepacked: bool, parallel: bool,
+        act in act_strategy(), alpha in prop_oneof![Just(1.0f32), Just(-0.75f32)], extra_ldc in 0..3usize,
+    ) {
+        let t = Case { m, n, k, trans_a, trans_b, accumulate, bias, act, alpha, prepacked, parallel, extra_ldc };
+        for isa in available() {
+            prop_assert_eq!(run_case(isa, &t), Ok(()));
+        }
+    }
+}
+
+#[test]
+fn splits_cover_and_align() {
+    assert_eq!(chunks(10, 4, 2), vec![(0, 4), (4, 10)]);
+    assert_eq!(chunks(3, 4, 2), vec![(0, 3)]);
+    let kern = kernel_for(Isa::Scalar);
+    assert_eq!(split(26, 1536, 384, kern, 2), (1, 2));
+    assert_eq!(split(1, 384, 384, kern, 2), (1, 1));
+    assert_eq!(split(1024, 64, 1024, kern, 2), (2, 1));
+    // A big case that really runs on several tasks.
+    for isa in available() {
+        run_case(isa, &Case { parallel: true, bias: true, act: Act::Silu, ..base(150, 90, 200) }).unwrap();
+        run_case(isa, &Case { parallel: true, prepacked: true, trans_a: true, ..base(40, 300, 180) }).unwrap();
+    }
+}
