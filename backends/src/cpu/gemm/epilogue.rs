@@ -24,6 +24,7 @@ pub enum Act {
     HardSwish,
     /// x · sigmoid(x).
     Silu,
+    Tanh,
     /// x/2 · (1 + erf(x/√2)).
     GeluErf,
     /// x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³))).
@@ -114,6 +115,7 @@ pub(crate) fn apply_act(row: &mut [f32], act: Act) {
         Act::HardSigmoid(a, b) => row.iter_mut().for_each(|x| *x = hard_sigmoid(*x, a, b)),
         Act::HardSwish => row.iter_mut().for_each(|x| *x = *x * hard_sigmoid(*x, 1.0 / 6.0, 0.5)),
         Act::Silu => row.iter_mut().for_each(|x| *x = *x * sigmoid(*x)),
+        Act::Tanh => row.iter_mut().for_each(|x| *x = x.tanh()),
         Act::GeluErf => row.iter_mut().for_each(|x| *x = gelu_erf(*x)),
         Act::GeluTanh => row.iter_mut().for_each(|x| *x = gelu_tanh(*x)),
     }

@@ -27,6 +27,7 @@ use kiln_runtime::{Error, Result};
 use rayon::prelude::*;
 
 pub use self::epilogue::{act_scalar, erf, Act, Epilogue};
+pub(crate) use self::epilogue::apply_act;
 pub use self::pack::PackedB;
 pub use crate::cpu::isa::Isa;
 use crate::cpu::isa;

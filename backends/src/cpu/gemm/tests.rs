@@ -27,12 +27,13 @@ fn act_ref(x: f64, act: Act) -> f64 {
         Act::HardSigmoid(a, b) => (a as f64 * x + b as f64).clamp(0.0, 1.0),
         Act::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
         Act::Silu => x * sig(x),
+        Act::Tanh => x.tanh(),
         Act::GeluErf => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
         Act::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
     }
 }
 
-const ACTS: [Act; 10] = [
+const ACTS: [Act; 11] = [
     Act::None,
     Act::Relu,
     Act::Clip(-0.5, 0.75),
@@ -41,6 +42,7 @@ const ACTS: [Act; 10] = [
     Act::HardSigmoid(0.2, 0.5),
     Act::HardSwish,
     Act::Silu,
+    Act::Tanh,
     Act::GeluErf,
     Act::GeluTanh,
 ];
