@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_passes::pipeline::compile_model;
+use kiln_passes::compress::CompressOptions;
 use kiln_passes::CompileOptions;
 use kiln_runtime::{Error, Result};
 
@@ -37,6 +38,62 @@ pub struct Args {
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
+    /// Quantize: int8 (static, needs --calibration), int8-dynamic, int4 (weight-only).
+    #[arg(long, value_name = "MODE")]
+    quantize: Option<String>,
+    /// Calibration data: a folder with one sub-folder per sample, each holding input_K.npy
+    /// (laid out as for `kiln run --inputs`).
+    #[arg(long, value_name = "DIR")]
+    calibration: Option<PathBuf>,
+    /// How activation ranges are chosen: minmax, percentile[:P], entropy, mse.
+    #[arg(long, default_value = "minmax", value_name = "NAME")]
+    calibrator: String,
+    /// int4: block size along K (32, 64 or 128).
+    #[arg(long, default_value_t = 32)]
+    block_size: usize,
+    /// int4: rtn (round to nearest) or awq (activation-aware, needs --calibration).
+    #[arg(long, default_value = "rtn", value_name = "METHOD")]
+    int4_method: String,
+    /// int4: scale type, f16 or f32.
+    #[arg(long, default_value = "f16", value_name = "TYPE")]
+    int4_scales: String,
+    /// int4: asymmetric blocks with zero points.
+    #[arg(long)]
+    int4_zero_points: bool,
+    /// Keep the most sensitive quantized layers in float until the model's output error on the
+    /// calibration set is within this budget (1 - cosine).
+    #[arg(long, value_name = "X")]
+    accuracy_budget: Option<f32>,
+    /// Prune: magnitude:S[:global|:layer] (unstructured, stored sparsely), channels:S (removes
+    /// output channels), 2:4 (semi-structured).
+    #[arg(long, value_name = "SPEC")]
+    prune: Option<String>,
+}
+
+/// The compression options the flags ask for.
+fn compress_options(a: &Args) -> Result<CompressOptions> {
+    let mut c = CompressOptions {
+        quantize: a.quantize.as_deref().map(str::parse).transpose()?,
+        prune: a.prune.as_deref().map(str::parse).transpose()?,
+        calibration: a.calibration.clone(),
+        calibrator: a.calibrator.parse()?,
+        block_size: a.block_size,
+        int4_method: a.int4_method.parse()?,
+        int4_zero_points: a.int4_zero_points,
+        accuracy_budget: a.accuracy_budget,
+        ..Default::default()
+    };
+    c.int4_f16_scales = match a.int4_scales.as_str() {
+        "f16" => true,
+        "f32" => false,
+        s => return Err(Error::Input(format!("--int4-scales {s} (f16 or f32)"))),
+    };
+    if let Some(dir) = &c.calibration {
+        if !dir.is_dir() {
+            return Err(Error::Input(format!("--calibration {}: not a folder", dir.display())));
+        }
+    }
+    Ok(c)
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -57,7 +114,13 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     }
-    let opts = CompileOptions { target: a.target.clone(), fold: !a.no_fold, dce: !a.no_dce, skip };
+    let opts = CompileOptions {
+        target: a.target.clone(),
+        fold: !a.no_fold,
+        dce: !a.no_dce,
+        skip,
+        compress: compress_options(&a)?,
+    };
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap());
     bar.enable_steady_tick(Duration::from_millis(100));

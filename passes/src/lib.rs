@@ -4,6 +4,7 @@
 //! evaluates nodes with the CPU backend's own kernels, so folding and execution can never disagree
 //! about an op's meaning.
 
+pub mod compress;
 pub mod dce;
 pub mod fold;
 pub mod fuse;

@@ -19,11 +19,19 @@ pub struct CompileOptions {
     pub dce: bool,
     /// Names of optimisation passes to leave out (see `OPTIMIZATIONS`).
     pub skip: Vec<String>,
+    /// Pruning and quantization (none by default).
+    pub compress: crate::compress::CompressOptions,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { target: "cpu-generic".into(), fold: true, dce: true, skip: Vec::new() }
+        CompileOptions {
+            target: "cpu-generic".into(),
+            fold: true,
+            dce: true,
+            skip: Vec::new(),
+            compress: Default::default(),
+        }
     }
 }
 
@@ -52,21 +60,30 @@ pub struct Compiled {
     pub reports: Vec<PassReport>,
 }
 
-/// The passes `opts` selects, in order.
-pub fn pass_manager(opts: &CompileOptions) -> PassManager {
+/// Optimisation passes that must see the final (pruned, quantized) weights, so compression runs
+/// before them.
+const AFTER_COMPRESSION: &[&str] = &["prepack"];
+
+/// The passes `opts` selects, in order: folding, the fusions, compression, weight layout, DCE.
+pub fn pass_manager(opts: &CompileOptions) -> Result<PassManager> {
     let mut pm = PassManager::new();
     if opts.fold {
         pm.add(Box::new(ConstantFolding::default()));
     }
-    for name in OPTIMIZATIONS {
-        if !opts.skip.iter().any(|s| s == name) {
-            pm.add(optimization(name));
-        }
+    let enabled = |name: &&&str| !opts.skip.iter().any(|s| s == *name);
+    for name in OPTIMIZATIONS.iter().filter(|n| !AFTER_COMPRESSION.contains(n)).filter(enabled) {
+        pm.add(optimization(name));
+    }
+    for p in crate::compress::passes(&opts.compress)? {
+        pm.add(p);
+    }
+    for name in OPTIMIZATIONS.iter().filter(|n| AFTER_COMPRESSION.contains(n)).filter(enabled) {
+        pm.add(optimization(name));
     }
     if opts.dce {
         pm.add(Box::new(DeadCodeElimination));
     }
-    pm
+    Ok(pm)
 }
 
 /// Fail with the first op the CPU backend cannot run, naming op, domain, opset and node.
@@ -92,7 +109,7 @@ pub fn check_supported(g: &Graph) -> Result<()> {
 /// Compile an IR model that is already imported.
 pub fn compile_model(mut model: Model, opts: &CompileOptions) -> Result<Compiled> {
     infer_types(&mut model)?;
-    let pm = pass_manager(opts);
+    let pm = pass_manager(opts)?;
     let reports = pm.run(&mut model)?;
     infer_types(&mut model)?;
     check_supported(&model.graph)?;

@@ -1,0 +1,1 @@
+//! Accuracy budget (H6 fills this in).

@@ -1,0 +1,1 @@
+//! Calibration (H6 fills this in).

@@ -1,0 +1,222 @@
+//! Model compression driven by `kiln compile`: pruning, calibration and quantization.
+//!
+//! `CompressOptions` is what the CLI parsed; `passes` turns it into ordinary `Pass`es that the
+//! pipeline runs after the fusion passes and before weight prepacking, in the order
+//! prune → quantize (pruning first so quantization sees the final weights; both need the fused
+//! graph so that a FusedMatMul's weight is quantized once, with its bias and activation kept).
+//!
+//! Files: `calibrate.rs` (calibration samples, observers running the float model on kiln's own
+//! runtime, calibrators), `quant_int8.rs` (int8 static and dynamic), `quant_int4.rs` (weight-only
+//! int4, RTN and AWQ), `prune.rs` (magnitude, channels, 2:4), `budget.rs` (accuracy budget and the
+//! per-layer error table).
+
+use std::path::PathBuf;
+
+use kiln_compiler::pass::Pass;
+use kiln_runtime::{Error, Result};
+
+pub mod calibrate;
+pub mod quant_int8;
+pub mod quant_int4;
+pub mod prune;
+pub mod budget;
+
+/// `--quantize`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantize {
+    /// Static int8: calibrated activation ranges, per-output-channel symmetric int8 weights.
+    Int8,
+    /// int8 weights, activations quantized per row at run time.
+    Int8Dynamic,
+    /// Weight-only int4, block-wise along K.
+    Int4,
+}
+
+/// `--calibrator`: how an activation range is chosen from the observed values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Calibrator {
+    MinMax,
+    /// Keep this percentile of |x| (e.g. 99.99).
+    Percentile(f32),
+    /// KL-divergence threshold search over a histogram (TensorRT's entropy calibration).
+    Entropy,
+    /// The clipping threshold minimising the mean squared quantization error.
+    Mse,
+}
+
+/// `--int4-method`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int4Method {
+    /// Round to nearest.
+    Rtn,
+    /// Activation-aware: scale salient input channels (from calibration) before rounding.
+    Awq,
+}
+
+/// `--prune`
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Prune {
+    /// Unstructured: zero the fraction `sparsity` of weights with the smallest magnitude, across
+    /// all prunable weights (`global`) or per layer.
+    Magnitude { sparsity: f32, global: bool },
+    /// Structured: remove this fraction of output channels of Conv/Gemm/MatMul by L1 norm.
+    Channels(f32),
+    /// Semi-structured 2:4: in every group of 4 consecutive weights along K keep the 2 largest.
+    TwoFour,
+}
+
+#[derive(Clone, Debug)]
+pub struct CompressOptions {
+    pub quantize: Option<Quantize>,
+    pub prune: Option<Prune>,
+    /// Folder with one sub-folder per sample, each holding input_K.npy (as `kiln run --inputs`).
+    pub calibration: Option<PathBuf>,
+    pub calibrator: Calibrator,
+    /// int4 block size along K: 32, 64 or 128.
+    pub block_size: usize,
+    pub int4_method: Int4Method,
+    /// int4 scales stored as f16 (default) or f32.
+    pub int4_f16_scales: bool,
+    /// int4 with zero points (asymmetric) instead of symmetric.
+    pub int4_zero_points: bool,
+    /// Keep the most sensitive layers in float until the model-level output error is within this.
+    pub accuracy_budget: Option<f32>,
+}
+
+impl Default for CompressOptions {
+    fn default() -> Self {
+        CompressOptions {
+            quantize: None,
+            prune: None,
+            calibration: None,
+            calibrator: Calibrator::MinMax,
+            block_size: 32,
+            int4_method: Int4Method::Rtn,
+            int4_f16_scales: true,
+            int4_zero_points: false,
+            accuracy_budget: None,
+        }
+    }
+}
+
+impl CompressOptions {
+    pub fn is_empty(&self) -> bool {
+        self.quantize.is_none() && self.prune.is_none()
+    }
+}
+
+impl std::str::FromStr for Quantize {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "int8" => Quantize::Int8,
+            "int8-dynamic" => Quantize::Int8Dynamic,
+            "int4" => Quantize::Int4,
+            _ => return Err(Error::Input(format!("unknown --quantize '{s}' (int8, int8-dynamic, int4)"))),
+        })
+    }
+}
+
+impl std::str::FromStr for Calibrator {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Input(format!("unknown --calibrator '{s}' (minmax, percentile[:P], entropy, mse)"));
+        Ok(match s.split_once(':') {
+            None if s == "minmax" => Calibrator::MinMax,
+            None if s == "percentile" => Calibrator::Percentile(99.99),
+            None if s == "entropy" => Calibrator::Entropy,
+            None if s == "mse" => Calibrator::Mse,
+            Some(("percentile", p)) => {
+                let p: f32 = p.parse().map_err(|_| bad())?;
+                if !(p > 0.0 && p <= 100.0) {
+                    return Err(Error::Input(format!("--calibrator percentile:{p}: P must be in (0, 100]")));
+                }
+                Calibrator::Percentile(p)
+            }
+            _ => return Err(bad()),
+        })
+    }
+}
+
+impl std::str::FromStr for Int4Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "rtn" => Int4Method::Rtn,
+            "awq" => Int4Method::Awq,
+            _ => return Err(Error::Input(format!("unknown --int4-method '{s}' (rtn, awq)"))),
+        })
+    }
+}
+
+impl std::str::FromStr for Prune {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::Input(format!(
+                "bad --prune '{s}' (magnitude:S[:global|:layer], channels:S, 2:4; S a fraction in (0, 1))"
+            ))
+        };
+        let frac = |v: &str| -> Result<f32> {
+            let f: f32 = v.parse().map_err(|_| bad())?;
+            if f > 0.0 && f < 1.0 { Ok(f) } else { Err(bad()) }
+        };
+        if s == "2:4" {
+            return Ok(Prune::TwoFour);
+        }
+        let parts: Vec<&str> = s.split(':').collect();
+        Ok(match parts.as_slice() {
+            ["magnitude", v] => Prune::Magnitude { sparsity: frac(v)?, global: true },
+            ["magnitude", v, "global"] => Prune::Magnitude { sparsity: frac(v)?, global: true },
+            ["magnitude", v, "layer"] => Prune::Magnitude { sparsity: frac(v)?, global: false },
+            ["channels", v] => Prune::Channels(frac(v)?),
+            _ => return Err(bad()),
+        })
+    }
+}
+
+/// The compression passes `opts` asks for, in the order they must run.
+pub fn passes(opts: &CompressOptions) -> Result<Vec<Box<dyn Pass>>> {
+    if opts.quantize == Some(Quantize::Int8) && opts.calibration.is_none() {
+        return Err(Error::Input("--quantize int8 needs --calibration DIR (or use int8-dynamic)".into()));
+    }
+    if opts.int4_method == Int4Method::Awq && opts.quantize == Some(Quantize::Int4) && opts.calibration.is_none() {
+        return Err(Error::Input("--int4-method awq needs --calibration DIR".into()));
+    }
+    if opts.accuracy_budget.is_some() && opts.calibration.is_none() {
+        return Err(Error::Input("--accuracy-budget needs --calibration DIR to measure errors on".into()));
+    }
+    if ![32, 64, 128].contains(&opts.block_size) {
+        return Err(Error::Input(format!("--block-size {} (32, 64 or 128)", opts.block_size)));
+    }
+    let mut out: Vec<Box<dyn Pass>> = Vec::new();
+    if let Some(p) = opts.prune {
+        out.push(prune::pass(p, opts)?);
+    }
+    match opts.quantize {
+        Some(Quantize::Int8) | Some(Quantize::Int8Dynamic) => out.push(quant_int8::pass(opts)?),
+        Some(Quantize::Int4) => out.push(quant_int4::pass(opts)?),
+        None => {}
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flags() {
+        assert_eq!("int8-dynamic".parse::<Quantize>().unwrap(), Quantize::Int8Dynamic);
+        assert!("int3".parse::<Quantize>().is_err());
+        assert_eq!("percentile:99.9".parse::<Calibrator>().unwrap(), Calibrator::Percentile(99.9));
+        assert!("percentile:0".parse::<Calibrator>().is_err());
+        assert_eq!("2:4".parse::<Prune>().unwrap(), Prune::TwoFour);
+        assert_eq!(
+            "magnitude:0.5:layer".parse::<Prune>().unwrap(),
+            Prune::Magnitude { sparsity: 0.5, global: false }
+        );
+        assert!("channels:1.5".parse::<Prune>().is_err());
+        assert!("channels".parse::<Prune>().is_err());
+    }
+}
