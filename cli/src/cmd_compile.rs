@@ -143,7 +143,8 @@ pub fn run(a: Args) -> Result<()> {
             .iter()
             .map(|r| {
                 serde_json::json!({"pass": r.name, "nodes_before": r.nodes_before,
-                    "nodes_after": r.nodes_after, "changes": r.changes, "ms": r.millis})
+                    "nodes_after": r.nodes_after, "changes": r.changes, "ms": r.millis,
+                    "notes": r.notes})
             })
             .collect();
         let j = serde_json::json!({"output": out, "bytes": bytes, "steps": steps,
@@ -159,6 +160,7 @@ pub fn run(a: Args) -> Result<()> {
                 r.name, r.nodes_before, r.nodes_after, r.changes, r.millis
             );
         }
+        print_notes(&compiled.reports);
     }
     println!(
         "wrote {} ({:.1} MB, {} steps) in {:.2} s",
@@ -168,4 +170,15 @@ pub fn run(a: Args) -> Result<()> {
         secs
     );
     Ok(())
+}
+
+/// What the passes noted (e.g. the compression passes' per-layer error tables), under a heading
+/// per pass.
+fn print_notes(reports: &[kiln_compiler::pass::PassReport]) {
+    for r in reports.iter().filter(|r| !r.notes.is_empty()) {
+        println!("\n{}:", r.name);
+        for line in &r.notes {
+            println!("  {line}");
+        }
+    }
 }

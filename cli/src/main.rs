@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd_bench;
+mod cmd_compare;
 mod cmd_compile;
 mod cmd_inspect;
 mod cmd_run;
@@ -33,6 +34,8 @@ enum Cmd {
     Inspect(cmd_inspect::Args),
     /// Measure load time, first-run time, steady-state latency and peak memory.
     Bench(cmd_bench::Args),
+    /// Compare two models' outputs (and with --per-layer their intermediate values) on inputs.
+    Compare(cmd_compare::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => cmd_run::run(a),
         Cmd::Inspect(a) => cmd_inspect::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
+        Cmd::Compare(a) => cmd_compare::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

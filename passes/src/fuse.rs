@@ -10,13 +10,20 @@
 //!   `kiln.FusedMatMul` (A, W, bias); Conv becomes `kiln.FusedConv` when an activation follows.
 //! - `epilogue`: an activation after a FusedMatMul / FusedConv / Conv / MatMul moves into that
 //!   node's `activation` attribute, applied while the output is still in cache.
+//! - `attention`: MatMul(Q, Kᵀ) → constant scale → optional mask Add → Softmax → MatMul(·, V)
+//!   (→ Transpose) becomes `kiln.Attention`, which also reads Q, K and V through the Transposes
+//!   that split heads, so the score tensor is never materialised.
+//! - `layout`: Transpose∘Transpose, Reshape∘Reshape, Squeeze/Unsqueeze pairs and no-op Reshapes
+//!   collapse; a Transpose that only moves size-1 axes becomes a Reshape.
+//! - `rmsnorm`: x / √(mean(x²) + eps) · g becomes RMSNormalization-23.
+//! - `conv-affine`: a per-channel constant Mul or Add after a Conv folds into its weights / bias.
 //!
 //! Every pass leaves the graph computing the same outputs (within float tolerance); the node
 //! suite and the real-model goldens run with all of them on.
 
 use std::collections::HashSet;
 
-use kiln_compiler::ir::{AttrValue, Attribute, Graph, Model, Node, ValueId};
+use kiln_compiler::ir::{AttrValue, Attribute, Dim, Graph, Model, Node, ValueId};
 use kiln_compiler::pass::Pass;
 use kiln_compiler::Result;
 use kiln_runtime::{DType, Tensor};
@@ -118,7 +125,7 @@ fn conv_bn_pat() -> Pat {
 
 fn f32s(g: &Graph, v: ValueId) -> Option<Vec<f32>> {
     let t = g.konst(v)?;
-    (t.dtype() == DType::F32).then(|| t.view::<f32>().ok().map(|s| s.to_vec())).flatten()
+    (t.dtype() == DType::F32).then(|| t.clone().aligned().view::<f32>().ok().map(|s| s.to_vec())).flatten()
 }
 
 impl Pass for FoldConvBatchNorm {
@@ -462,6 +469,418 @@ impl Pass for FuseSoftmax {
             let ok = is_f32(g, x) && reduces_last_axis(g, &g.nodes[m.node("max")], r) && reduces_last_axis(g, &g.nodes[m.node("sum")], r);
             ok.then(|| replacing(mx, m, "Softmax", "", 13, vec![Some(x)], vec![attr("axis", AttrValue::Int(-1))]))
         });
+        Ok((count, vec![]))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention
+// ---------------------------------------------------------------------------------------------
+
+pub struct FuseAttention;
+
+/// softmax(scale·Q·Kᵀ + mask)·V as exporters write it: the scale is a constant Mul or Div on Q or
+/// on the scores (or absent), the mask Add is optional, and a Transpose may follow. Variants that
+/// absorb more nodes come first, so a scale Mul is folded rather than left in front of Q.
+fn attention_pats() -> Vec<Pat> {
+    let qk = |q: Pat| op("MatMul", vec![q, sym("kt")]).named("qk");
+    let scores = [
+        qk(sym("q") * konst("scale_mul")),
+        qk(sym("q") / konst("scale_div")),
+        qk(sym("q")) * konst("scale_mul"),
+        qk(sym("q")) / konst("scale_div"),
+        qk(sym("q")),
+    ];
+    let mut pats = Vec::new();
+    for transposed in [true, false] {
+        for masked in [true, false] {
+            for s in &scores {
+                let x = if masked { (s.clone() + sym("mask")).named("add") } else { s.clone() };
+                let av = op("MatMul", vec![unary("Softmax", x).named("softmax"), sym("v")]);
+                pats.push(if transposed { unary("Transpose", av).named("out_t") } else { av });
+            }
+        }
+    }
+    pats
+}
+
+/// A Transpose's permutation (default: reversed axes) for a rank-`r` input.
+fn transpose_perm(n: &Node, r: usize) -> Option<Vec<usize>> {
+    match n.attr_ints("perm") {
+        Some(p) => {
+            let mut seen = vec![false; r];
+            let ok = p.len() == r && p.iter().all(|&a| (0..r as i64).contains(&a) && !std::mem::replace(&mut seen[a as usize], true));
+            ok.then(|| p.iter().map(|&a| a as usize).collect())
+        }
+        None => Some((0..r).rev().collect()),
+    }
+}
+
+/// Follow Transposes back from `v`, read as `Transpose(v, perm)`: the earliest source and the
+/// permutation that reads the same logical tensor from it.
+fn through_transposes(mx: &Matcher, mut v: ValueId, mut perm: Vec<usize>) -> (ValueId, Vec<usize>, usize) {
+    let mut absorbed = 0;
+    while let Some(pi) = mx.producer(v) {
+        let n = &mx.g.nodes[pi];
+        let onnx = n.domain.is_empty() || n.domain == "ai.onnx";
+        let Some(src) = n.input(0).filter(|_| onnx && n.op == "Transpose") else { break };
+        let Some(t) = transpose_perm(n, perm.len()) else { break };
+        perm = perm.iter().map(|&i| t[i]).collect();
+        v = src;
+        absorbed += 1;
+    }
+    (v, perm, absorbed)
+}
+
+fn ints_attr(name: &str, v: &[usize]) -> Attribute {
+    attr(name, AttrValue::Ints(v.iter().map(|&a| a as i64).collect()))
+}
+
+/// Whether a Softmax normalises the last axis of its rank-4 input (opset < 13 coerces to 2-D at
+/// `axis`, which for the last axis is the same thing).
+fn softmax_last_axis(n: &Node) -> bool {
+    let default = if n.opset < 13 { 1 } else { -1 };
+    matches!(n.attr_int("axis").unwrap_or(default), -1 | 3)
+}
+
+impl Pass for FuseAttention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
+        let mut notes = Vec::new();
+        let mut count = 0;
+        for p in attention_pats() {
+            count += rewrite_all(&mut model.graph, &p, |mx, m, _| {
+                let g = mx.g;
+                let (q, kt, v) = (m.value("q"), m.value("kt"), m.value("v"));
+                let rank4 = |x: ValueId| is_f32(g, x) && rank(g, x) == Some(4);
+                if !(rank4(q) && rank4(kt) && rank4(v) && softmax_last_axis(&g.nodes[m.node("softmax")])) {
+                    return None;
+                }
+                let scale = match (m.values.get("scale_mul"), m.values.get("scale_div")) {
+                    (Some(&c), _) => scalar_of(g, c).filter(|_| rank(g, c).is_some_and(|r| r <= 4))?,
+                    (_, Some(&c)) => 1.0 / scalar_of(g, c).filter(|_| rank(g, c).is_some_and(|r| r <= 4))?,
+                    _ => 1.0,
+                };
+                let mask = m.values.get("mask").copied();
+                if let Some(mk) = mask {
+                    // The Add must not broadcast the scores up: its output has their shape.
+                    let scores = g.values[g.nodes[m.node("qk")].output(0)?].ty.shape()?;
+                    let added = g.values[g.nodes[m.node("add")].output(0)?].ty.shape()?;
+                    if !is_f32(g, mk) || rank(g, mk).is_none_or(|r| r > 4) || scores != added || scores.contains(&Dim::Unknown) {
+                        return None;
+                    }
+                }
+                let (qs, qp, na) = through_transposes(mx, q, vec![0, 1, 2, 3]);
+                let (ks, kp, nb) = through_transposes(mx, kt, vec![0, 1, 3, 2]);
+                let (vs, vp, nc) = through_transposes(mx, v, vec![0, 1, 2, 3]);
+                let out_perm = match m.nodes.get("out_t") {
+                    Some(&t) => transpose_perm(&g.nodes[t], 4)?,
+                    None => vec![0, 1, 2, 3],
+                };
+                let root = &g.nodes[m.matched[0]];
+                notes.push(format!(
+                    "{}: Q·Kᵀ, scale {scale}, {}softmax, ·V{} → kiln.Attention ({} input transposes read in place)",
+                    root.name,
+                    if mask.is_some() { "mask, " } else { "" },
+                    if m.nodes.contains_key("out_t") { ", Transpose" } else { "" },
+                    na + nb + nc
+                ));
+                let mut inputs = vec![Some(qs), Some(ks), Some(vs)];
+                inputs.extend(mask.map(Some));
+                Some(replacing(mx, m, "Attention", KILN_DOMAIN, 1, inputs, vec![
+                    attr("scale", AttrValue::Float(scale)),
+                    ints_attr("q_perm", &qp),
+                    ints_attr("k_perm", &kp),
+                    ints_attr("v_perm", &vp),
+                    ints_attr("out_perm", &out_perm),
+                ]))
+            });
+        }
+        Ok((count, notes))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// layout
+// ---------------------------------------------------------------------------------------------
+
+pub struct CancelLayout;
+
+/// An op's constant axes (attribute before opset 13, input 1 from 13 on), normalised for rank `r`.
+fn const_axes(g: &Graph, n: &Node, r: usize) -> Option<Vec<usize>> {
+    let raw: Vec<i64> = match n.attr_ints("axes") {
+        Some(a) => a.to_vec(),
+        None => g.konst(n.input(1)?)?.to_i64_vec().ok()?,
+    };
+    let mut v: Vec<usize> = raw.iter().map(|&a| if a < 0 { a + r as i64 } else { a }).map(|a| usize::try_from(a).ok().filter(|&a| a < r)).collect::<Option<_>>()?;
+    v.sort_unstable();
+    v.dedup();
+    (v.len() == raw.len()).then_some(v)
+}
+
+fn dims_of(g: &Graph, v: ValueId) -> Option<&[Dim]> {
+    g.values[v].ty.shape()
+}
+
+/// A Reshape target that reproduces `dims` for any input of that shape: fixed sizes, with at most
+/// one unknown size written as -1.
+fn reshape_target(dims: &[Dim]) -> Option<Vec<i64>> {
+    let mut inferred = 0;
+    let t: Vec<i64> = dims
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n as i64,
+            _ => {
+                inferred += 1;
+                -1
+            }
+        })
+        .collect();
+    // A fixed 0 would mean "copy the input's dim" to Reshape.
+    (inferred <= 1 && !t.contains(&0)).then_some(t)
+}
+
+/// What one matched layout chain reduces to.
+enum Reduced {
+    Nothing(ValueId),
+    Transpose(ValueId, Vec<usize>),
+    Reshape(ValueId, Vec<i64>),
+}
+
+fn layout_pats() -> Vec<Pat> {
+    let t = |x: Pat| unary("Transpose", x);
+    let r = |x: Pat, s: &'static str| op("Reshape", vec![x, sym(s)]);
+    vec![
+        t(t(sym("x")).named("inner")).named("outer"),
+        r(r(sym("x"), "s1").named("inner"), "s2").named("outer"),
+        op("Squeeze", vec![op("Unsqueeze", vec![sym("x")]).named("inner")]).named("outer"),
+        op("Unsqueeze", vec![op("Squeeze", vec![sym("x")]).named("inner")]).named("outer"),
+        r(sym("x"), "s").named("outer"),
+        t(sym("x")).named("outer"),
+    ]
+}
+
+/// The simpler form of one match of `layout_pats`, if there is one.
+fn reduce_layout(mx: &Matcher, m: &Match) -> Option<Reduced> {
+    let g = mx.g;
+    let x = m.value("x");
+    let outer = &g.nodes[m.node("outer")];
+    let inner = m.nodes.get("inner").map(|&i| &g.nodes[i]);
+    let xr = rank(g, x);
+    match (outer.op.as_str(), inner.map(|n| n.op.as_str())) {
+        ("Transpose", Some(_)) => {
+            let r = xr?;
+            let (a, b) = (transpose_perm(inner?, r)?, transpose_perm(outer, r)?);
+            let p: Vec<usize> = b.iter().map(|&i| a[i]).collect();
+            Some(if p.iter().enumerate().all(|(i, &a)| i == a) { Reduced::Nothing(x) } else { Reduced::Transpose(x, p) })
+        }
+        ("Reshape", Some(_)) => {
+            // The outer target alone decides the result unless it copies dims (0) from its input.
+            // The outer target alone decides the result unless it has a 0 (a copied dim, or with
+            // allowzero an empty one: either way it depends on more than the target).
+            let s2 = g.konst(m.value("s2"))?.to_i64_vec().ok()?;
+            (!s2.contains(&0)).then(|| Reduced::Reshape(x, s2))
+        }
+        ("Squeeze", Some(_)) => {
+            let r = xr?;
+            let (a, b) = (const_axes(g, inner?, r + const_axes_len(g, inner?)?)?, const_axes(g, outer, r + const_axes_len(g, inner?)?)?);
+            (a == b).then_some(Reduced::Nothing(x))
+        }
+        ("Unsqueeze", Some(_)) => {
+            let r = xr?;
+            let (a, b) = (const_axes(g, inner?, r)?, const_axes(g, outer, r)?);
+            (a == b).then_some(Reduced::Nothing(x))
+        }
+        ("Reshape", None) => {
+            let (din, dout) = (dims_of(g, x)?, dims_of(g, outer.output(0)?)?);
+            (din == dout && !din.contains(&Dim::Unknown)).then_some(Reduced::Nothing(x))
+        }
+        ("Transpose", None) => {
+            // Only size-1 axes move when the other axes keep their order: a Reshape.
+            let (din, dout) = (dims_of(g, x)?, dims_of(g, outer.output(0)?)?);
+            let p = transpose_perm(outer, din.len())?;
+            let kept: Vec<usize> = p.iter().copied().filter(|&a| din[a] != Dim::Fixed(1)).collect();
+            if p.iter().enumerate().all(|(i, &a)| i == a) {
+                return Some(Reduced::Nothing(x));
+            }
+            if !kept.windows(2).all(|w| w[0] < w[1]) {
+                return None;
+            }
+            reshape_target(dout).map(|t| Reduced::Reshape(x, t))
+        }
+        _ => None,
+    }
+}
+
+/// How many axes a Squeeze/Unsqueeze lists (to know the rank they are relative to).
+fn const_axes_len(g: &Graph, n: &Node) -> Option<usize> {
+    match n.attr_ints("axes") {
+        Some(a) => Some(a.len()),
+        None => Some(g.konst(n.input(1)?)?.len()),
+    }
+}
+
+impl Pass for CancelLayout {
+    fn name(&self) -> &'static str {
+        "layout"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
+        let mut notes = Vec::new();
+        let mut count = 0;
+        // One simplification can expose another (a cancelled pair between two Reshapes), so
+        // rounds repeat until nothing changes.
+        for _round in 0..8 {
+            let before = count;
+            for p in layout_pats() {
+                count += rewrite_all(&mut model.graph, &p, |mx, m, consts| {
+                    let reduced = reduce_layout(mx, m)?;
+                    let root = &mx.g.nodes[m.matched[0]];
+                    let chain: Vec<&str> = m.matched.iter().rev().map(|&i| mx.g.nodes[i].op.as_str()).collect();
+                    if matches!(reduced, Reduced::Reshape(..)) && root.opset < 5 {
+                        return None; // Reshape took its target as an attribute then
+                    }
+                    let (op, inputs, attrs) = match reduced {
+                        Reduced::Nothing(x) => ("Identity", vec![Some(x)], vec![]),
+                        Reduced::Transpose(x, p) => ("Transpose", vec![Some(x)], vec![ints_attr("perm", &p)]),
+                        Reduced::Reshape(x, s) => {
+                            let n = s.len();
+                            let sv = consts.add(format!("{}.shape", root.name), Tensor::from_vec(&[n], s).ok()?);
+                            ("Reshape", vec![Some(x), Some(sv)], vec![])
+                        }
+                    };
+                    notes.push(format!("{}: {} → {}", root.name, chain.join("∘"), if op == "Identity" { "nothing" } else { op }));
+                    Some(replacing(mx, m, op, "", root.opset, inputs, attrs))
+                });
+                // The Identities standing for "nothing" go the way of all Identities.
+                EliminateIdentity.run(model)?;
+            }
+            if count == before {
+                break;
+            }
+        }
+        Ok((count, notes))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rmsnorm
+// ---------------------------------------------------------------------------------------------
+
+pub struct FuseRmsNorm;
+
+/// x / √(mean(x²) + eps) · g, with x² as Pow or x·x and the division as Div or ·Reciprocal.
+fn rmsnorm_pats() -> Vec<Pat> {
+    let x = || sym("x");
+    let mut pats = Vec::new();
+    for sq in [pow(x(), 2.0), x() * x()] {
+        let rms = || sqrt(unary("ReduceMean", sq.clone()).named("mean") + konst("eps"));
+        pats.push((x() / rms()) * konst("gamma"));
+        pats.push((x() * unary("Reciprocal", rms())) * konst("gamma"));
+    }
+    pats
+}
+
+impl Pass for FuseRmsNorm {
+    fn name(&self) -> &'static str {
+        "rmsnorm"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
+        let mut count = 0;
+        for p in rmsnorm_pats() {
+            count += rewrite_all(&mut model.graph, &p, |mx, m, _| {
+                let g = mx.g;
+                let (x, gamma) = (m.value("x"), m.value("gamma"));
+                let r = rank(g, x)?;
+                let eps = scalar_of(g, m.value("eps"))?;
+                let last = g.values[x].ty.shape()?.last()?.clone();
+                let t = g.konst(gamma)?;
+                let per_feature = t.dtype() == DType::F32 && t.rank() == 1 && last == Dim::Fixed(t.len());
+                let ok = is_f32(g, x) && r >= 1 && per_feature && reduces_last_axis(g, &g.nodes[m.node("mean")], r);
+                // RMSNormalization is opset 23; the kernel reads it as that version.
+                ok.then(|| {
+                    replacing(mx, m, "RMSNormalization", "", 23, vec![Some(x), Some(gamma)], vec![
+                        attr("axis", AttrValue::Int(-1)),
+                        attr("epsilon", AttrValue::Float(eps)),
+                    ])
+                })
+            });
+        }
+        Ok((count, vec![]))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv-affine
+// ---------------------------------------------------------------------------------------------
+
+pub struct FoldConvAffine;
+
+fn conv_affine_pats() -> [Pat; 2] {
+    let conv = || op("Conv", vec![sym("x"), konst("w")]).named("conv");
+    [conv() * konst("k"), conv() + konst("k")]
+}
+
+/// The per-output-channel values of a constant applied to a Conv output of rank `r` with `m`
+/// channels: a scalar, or `m` values along axis 1 (ones elsewhere, right-aligned).
+fn per_channel(t: &Tensor, r: usize, m: usize) -> Option<Vec<f32>> {
+    if t.dtype() != DType::F32 || t.rank() > r {
+        return None;
+    }
+    let t = t.clone().aligned();
+    let v = t.view::<f32>().ok()?;
+    if v.len() == 1 {
+        return Some(vec![v[0]; m]);
+    }
+    let off = r - t.rank();
+    let ok = t.shape().iter().enumerate().all(|(i, &d)| d == if i + off == 1 { m } else { 1 });
+    (ok && v.len() == m).then(|| v.to_vec())
+}
+
+impl Pass for FoldConvAffine {
+    fn name(&self) -> &'static str {
+        "conv-affine"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
+        let mut count = 0;
+        // Two rounds: Conv·s + c and (Conv + c)·s both fold completely.
+        for p in conv_affine_pats().iter().chain(conv_affine_pats().iter()) {
+            count += rewrite_all(&mut model.graph, p, |mx, m, consts| {
+                let g = mx.g;
+                let conv = &g.nodes[m.node("conv")];
+                let wt = g.konst(m.value("w"))?;
+                let root = &g.nodes[m.matched[0]];
+                let (r, mch) = (wt.rank(), *wt.shape().first()?);
+                if conv.inputs.len() > 3 || wt.dtype() != DType::F32 || r < 3 || mch == 0 {
+                    return None;
+                }
+                let k = per_channel(g.konst(m.value("k"))?, r, mch)?;
+                let mut w = wt.clone().aligned().view::<f32>().ok()?.to_vec();
+                let mut b = match conv.input(2) {
+                    Some(cb) => f32s(g, cb).filter(|v| v.len() == mch)?,
+                    None => vec![0.0; mch],
+                };
+                if root.op == "Mul" {
+                    let per = w.len() / mch;
+                    for c in 0..mch {
+                        w[c * per..(c + 1) * per].iter_mut().for_each(|x| *x *= k[c]);
+                        b[c] *= k[c];
+                    }
+                } else {
+                    b.iter_mut().zip(&k).for_each(|(b, k)| *b += k);
+                }
+                let wv = consts.add(format!("{}.w_{}", conv.name, root.op.to_lowercase()), Tensor::from_vec(wt.shape(), w).ok()?);
+                let bv = consts.add(format!("{}.b_{}", conv.name, root.op.to_lowercase()), Tensor::from_vec(&[mch], b).ok()?);
+                let mut n = replacing(mx, m, "Conv", "", conv.opset, vec![Some(m.value("x")), Some(wv), Some(bv)], conv.attrs.clone());
+                n.name = conv.name.clone();
+                Some(n)
+            });
+        }
         Ok((count, vec![]))
     }
 }

@@ -10,6 +10,7 @@ pub mod fold;
 pub mod fuse;
 pub mod pattern;
 pub mod pipeline;
+pub mod prepack;
 
 pub use dce::DeadCodeElimination;
 pub use fold::ConstantFolding;

@@ -37,19 +37,24 @@ impl Default for CompileOptions {
 
 /// The optimisation passes run by default, in order (each can be skipped by name).
 pub const OPTIMIZATIONS: &[&str] =
-    &["identity", "conv-bn", "gelu", "layernorm", "hardswish", "softmax", "matmul-bias", "epilogue"];
+    &["identity", "layout", "conv-bn", "conv-affine", "gelu", "layernorm", "rmsnorm", "hardswish", "softmax", "attention", "matmul-bias", "epilogue", "prepack"];
 
 fn optimization(name: &str) -> Box<dyn kiln_compiler::pass::Pass> {
     use crate::fuse::*;
     match name {
         "identity" => Box::new(EliminateIdentity),
+        "layout" => Box::new(CancelLayout),
         "conv-bn" => Box::new(FoldConvBatchNorm),
+        "conv-affine" => Box::new(FoldConvAffine),
         "gelu" => Box::new(FuseGelu),
         "layernorm" => Box::new(FuseLayerNorm),
+        "rmsnorm" => Box::new(FuseRmsNorm),
         "hardswish" => Box::new(FuseHardSwish),
         "softmax" => Box::new(FuseSoftmax),
+        "attention" => Box::new(FuseAttention),
         "matmul-bias" => Box::new(FuseMatMulBias),
         "epilogue" => Box::new(FuseEpilogue),
+        "prepack" => Box::new(crate::prepack::Prepack::default()),
         other => unreachable!("OPTIMIZATIONS lists an unknown pass {other}"),
     }
 }
@@ -78,7 +83,7 @@ pub fn pass_manager(opts: &CompileOptions) -> Result<PassManager> {
         pm.add(p);
     }
     for name in OPTIMIZATIONS.iter().filter(|n| AFTER_COMPRESSION.contains(n)).filter(enabled) {
-        pm.add(optimization(name));
+        pm.add(if *name == "prepack" { Box::new(crate::prepack::Prepack::for_target(&opts.target)) } else { optimization(name) });
     }
     if opts.dce {
         pm.add(Box::new(DeadCodeElimination));

@@ -152,6 +152,26 @@ pub struct TensorData {
     pub inline: Vec<u8>,
     #[prost(bytes = "vec", repeated, tag = "5")]
     pub strings: Vec<Vec<u8>>,
+    /// Set when the stored bytes (blob or inline) are sparse-encoded instead of dense; absent in
+    /// dense data and in every artifact written before the field existed. See `Sparse`.
+    #[prost(message, optional, tag = "6")]
+    pub sparse: Option<Sparse>,
+}
+
+/// Sparse encoding of constant bytes, chosen by the writer when it is smaller than dense
+/// (typically pruned weights). The dense bytes are split into units of `unit` bytes
+/// (1, 2, 4 or 8; it divides the dense length, which is numel × element size); a unit is zero
+/// when all its bytes are. The stored bytes are a bitmap with one bit per unit (bit `i % 8` of
+/// byte `i / 8` set = unit `i` is non-zero; unused bits of the last byte are zero) followed by
+/// the `nnz` non-zero units in order, so they are `ceil(units / 8) + nnz × unit` bytes long.
+/// Readers expand them into a dense aligned buffer at load.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Sparse {
+    #[prost(uint32, tag = "1")]
+    pub unit: u32,
+    /// Number of set bits in the bitmap (= non-zero units stored after it).
+    #[prost(uint64, tag = "2")]
+    pub nnz: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

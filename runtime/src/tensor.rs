@@ -14,37 +14,63 @@ use crate::error::{Error, Result};
 /// Alignment of every heap buffer and every weight blob in an artifact.
 pub const ALIGN: usize = 64;
 
-/// Owned, zero-initialised, 64-byte-aligned bytes.
+/// Owned, initialised, 64-byte-aligned bytes. Heap blocks come from (and return to) the process
+/// buffer pool, so intermediates of repeated runs reuse memory instead of page-faulting fresh
+/// allocations in; every block is zero-filled when first allocated, so its bytes are always
+/// initialised (stale data from an earlier tensor at worst, never uninitialised memory).
 pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
+    /// Size of the block behind `ptr` (its pool size class); 0 for the empty buffer.
+    cap: usize,
 }
 
 unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
+    /// `len` zero bytes.
     pub fn zeroed(len: usize) -> AlignedBuf {
-        if len == 0 {
-            return AlignedBuf { ptr: ALIGN as *mut u8, len: 0 };
+        let (mut b, fresh) = AlignedBuf::block(len);
+        if !fresh {
+            b.as_mut_slice().fill(0);
         }
-        let layout = Layout::from_size_align(len, ALIGN).expect("buffer size overflows");
+        b
+    }
+
+    /// `len` bytes with unspecified (but initialised) contents: for outputs the caller overwrites
+    /// completely. Skips the zero fill of `zeroed`.
+    pub fn recycled(len: usize) -> AlignedBuf {
+        AlignedBuf::block(len).0
+    }
+
+    /// A block for `len` bytes: from the pool if one of the size class is free, else freshly
+    /// allocated and zeroed (the bool says which).
+    fn block(len: usize) -> (AlignedBuf, bool) {
+        if len == 0 {
+            return (AlignedBuf { ptr: ALIGN as *mut u8, len: 0, cap: 0 }, true);
+        }
+        let cap = pool::class(len);
+        if let Some(ptr) = pool::take(cap) {
+            return (AlignedBuf { ptr, len, cap }, false);
+        }
+        let layout = Layout::from_size_align(cap, ALIGN).expect("buffer size overflows");
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, len }
+        (AlignedBuf { ptr, len, cap }, true)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> AlignedBuf {
-        let mut b = AlignedBuf::zeroed(bytes.len());
+        let mut b = AlignedBuf::recycled(bytes.len());
         b.as_mut_slice().copy_from_slice(bytes);
         b
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len bytes (or dangling+aligned with len 0).
+        // SAFETY: ptr is valid and initialised for len bytes (or dangling+aligned with len 0).
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
@@ -55,11 +81,86 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len > 0 {
-            let layout = Layout::from_size_align(self.len, ALIGN).unwrap();
-            unsafe { alloc::dealloc(self.ptr, layout) }
+        if self.cap > 0 {
+            pool::put(self.ptr, self.cap);
         }
     }
+}
+
+/// The process-wide pool of freed heap blocks, by size class, bounded in total size
+/// (`KILN_POOL_MB`, default 512; 0 disables pooling). Thread-safe; a block is reused only for a
+/// request of its own size class, so reuse never hands out a block smaller than asked for.
+mod pool {
+    use std::alloc::{self, Layout};
+    use std::collections::BTreeMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use super::ALIGN;
+
+    struct Pool {
+        /// Free blocks (addresses) by size class.
+        free: BTreeMap<usize, Vec<usize>>,
+        /// Total bytes in `free`.
+        bytes: usize,
+    }
+
+    static POOL: Mutex<Pool> = Mutex::new(Pool { free: BTreeMap::new(), bytes: 0 });
+
+    /// Blocks larger than this go straight back to the allocator (one-off huge buffers such as a
+    /// whole artifact should not pin memory).
+    const MAX_BLOCK: usize = 256 << 20;
+
+    fn limit() -> usize {
+        static LIMIT: OnceLock<usize> = OnceLock::new();
+        *LIMIT.get_or_init(|| {
+            std::env::var("KILN_POOL_MB")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(512)
+                .saturating_mul(1 << 20)
+        })
+    }
+
+    /// The block size serving a request of `len` (> 0) bytes: a multiple of 64 up to 1 KiB, then
+    /// eight classes per power of two (at most 12.5% slack).
+    pub(super) fn class(len: usize) -> usize {
+        if len <= 1024 {
+            return len.next_multiple_of(ALIGN);
+        }
+        let msb = usize::BITS - 1 - len.leading_zeros();
+        len.next_multiple_of(1 << (msb - 3))
+    }
+
+    pub(super) fn take(cap: usize) -> Option<*mut u8> {
+        let mut p = POOL.lock().ok()?;
+        let ptr = p.free.get_mut(&cap)?.pop()?;
+        p.bytes -= cap;
+        Some(ptr as *mut u8)
+    }
+
+    pub(super) fn put(ptr: *mut u8, cap: usize) {
+        if cap <= MAX_BLOCK {
+            if let Ok(mut p) = POOL.lock() {
+                if p.bytes + cap <= limit() {
+                    p.bytes += cap;
+                    p.free.entry(cap).or_default().push(ptr as usize);
+                    return;
+                }
+            }
+        }
+        // SAFETY: the block was allocated with exactly this layout.
+        unsafe { alloc::dealloc(ptr, Layout::from_size_align(cap, ALIGN).unwrap()) }
+    }
+
+    /// Bytes currently held for reuse.
+    pub fn held_bytes() -> usize {
+        POOL.lock().map(|p| p.bytes).unwrap_or(0)
+    }
+}
+
+/// Bytes of freed tensor buffers the process holds for reuse (not part of any live tensor).
+pub fn pooled_bytes() -> usize {
+    pool::held_bytes()
 }
 
 /// Where a buffer's bytes live.
@@ -91,6 +192,19 @@ pub struct Buffer {
 impl Buffer {
     pub fn zeroed(len: usize) -> Buffer {
         Buffer { bytes: Arc::new(Bytes::Heap(AlignedBuf::zeroed(len))), offset: 0, len }
+    }
+
+    /// `len` bytes of unspecified (initialised) contents, for a caller that overwrites them all.
+    pub fn recycled(len: usize) -> Buffer {
+        Buffer { bytes: Arc::new(Bytes::Heap(AlignedBuf::recycled(len))), offset: 0, len }
+    }
+
+    /// True if writing through `make_mut` would not copy: heap bytes owned by this buffer alone.
+    pub fn is_unique(&self) -> bool {
+        Arc::strong_count(&self.bytes) == 1
+            && Arc::weak_count(&self.bytes) == 0
+            && matches!(*self.bytes, Bytes::Heap(_))
+            && self.offset == 0
     }
 
     /// A window `[offset, offset+len)` of `bytes`; errors if out of bounds.
@@ -234,9 +348,43 @@ impl Tensor {
         if numel(shape) != v.len() {
             return Err(Error::Shape(format!("shape {shape:?} does not hold {} elements", v.len())));
         }
-        let mut t = Tensor::zeros(dtype, shape);
-        t.view_mut::<T>()?.copy_from_slice(v);
-        Ok(t)
+        Tensor::filled_by::<T>(dtype, shape, |out| {
+            out.copy_from_slice(v);
+            Ok(())
+        })
+    }
+
+    /// A new numeric tensor whose elements `fill` writes. The buffer handed to `fill` holds
+    /// unspecified values (reused memory, never uninitialised): `fill` must write every element.
+    /// This skips the zero fill of `zeros` for kernels that overwrite their whole output.
+    pub fn filled_by<T: Elem>(
+        dtype: DType,
+        shape: &[usize],
+        fill: impl FnOnce(&mut [T]) -> Result<()>,
+    ) -> Result<Tensor> {
+        if !T::compatible(dtype) || dtype == DType::String {
+            return Err(Error::DType(format!("{} data cannot hold {dtype}", T::DTYPE)));
+        }
+        let n = numel(shape);
+        // bool is the one element type with invalid bit patterns: its buffer starts zeroed.
+        let mut buf = if T::DTYPE == DType::Bool {
+            Buffer::zeroed(n * dtype.size())
+        } else {
+            Buffer::recycled(n * dtype.size())
+        };
+        if n > 0 {
+            let bytes = buf.make_mut();
+            // SAFETY: fresh heap buffers are 64-byte aligned and hold n elements; the bytes are
+            // initialised and (bool aside, zeroed above) any bit pattern is a valid T.
+            let out = unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, n) };
+            fill(out)?;
+        }
+        Ok(Tensor { dtype, shape: shape.to_vec(), data: Data::Num(buf) })
+    }
+
+    /// True if this tensor's bytes are owned by it alone (writing to them would not copy).
+    pub fn is_unique(&self) -> bool {
+        matches!(&self.data, Data::Num(b) if b.is_unique())
     }
 
     pub fn scalar<T: Elem>(v: T) -> Tensor {
@@ -413,5 +561,63 @@ impl<T: Elem> From<ndarray::ArrayD<T>> for Tensor {
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Tensor<{}>{:?}", self.dtype, self.shape)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_classes_cover_requests_with_bounded_slack() {
+        for len in (1..5000).chain([4095, 4096, 4097, 1 << 20, (1 << 20) + 1, 123_456_789]) {
+            let c = pool::class(len);
+            assert!(c >= len && c % ALIGN == 0, "{len} -> {c}");
+            assert!(c - len <= (len / 8).max(ALIGN - 1), "{len} -> {c}");
+            assert_eq!(pool::class(c), c, "a class is its own class");
+        }
+    }
+
+    #[test]
+    fn recycled_buffers_are_rezeroed_by_zeros() {
+        // Dirty a block, free it, and ask for zeros of the same class many times: whichever block
+        // the pool hands out (other tests run concurrently), it must read as zeros.
+        for _ in 0..8 {
+            let mut t = Tensor::filled_by::<f32>(DType::F32, &[1000], |o| {
+                o.fill(f32::NAN);
+                Ok(())
+            })
+            .unwrap();
+            assert!(t.view_mut::<f32>().unwrap().iter().all(|v| v.is_nan()));
+            drop(t);
+            let z = Tensor::zeros(DType::F32, &[999]);
+            assert!(z.view::<f32>().unwrap().iter().all(|&v| v == 0.0));
+            let b = Tensor::filled_by::<bool>(DType::Bool, &[4000], |_| Ok(())).unwrap();
+            assert!(b.bytes().iter().all(|&v| v == 0));
+        }
+    }
+
+    #[test]
+    fn filled_by_checks_dtype_and_propagates_errors() {
+        assert!(Tensor::filled_by::<f32>(DType::I32, &[2], |_| Ok(())).is_err());
+        assert!(Tensor::filled_by::<f32>(DType::F32, &[2], |_| Err(Error::Other("x".into()))).is_err());
+        let t = Tensor::filled_by::<i64>(DType::I64, &[0, 3], |_| panic!("no elements")).unwrap();
+        assert_eq!(t.shape(), &[0, 3]);
+        let t = Tensor::from_vec(&[3], vec![1i32, 2, 3]).unwrap();
+        assert_eq!(t.view::<i32>().unwrap(), &[1, 2, 3]);
+    }
+
+    #[test]
+    fn uniqueness_tracks_sharing() {
+        let t = Tensor::from_vec(&[4], vec![1f32; 4]).unwrap();
+        assert!(t.is_unique());
+        let r = t.reshape(&[2, 2]).unwrap();
+        assert!(!t.is_unique() && !r.is_unique());
+        drop(r);
+        assert!(t.is_unique());
+        static W: [u8; 8] = [0; 8];
+        let s = Tensor::from_buffer(DType::F32, &[2], Buffer { bytes: Arc::new(Bytes::Static(&W)), offset: 0, len: 8 }).unwrap();
+        assert!(!s.is_unique());
+        assert!(!Tensor::from_strings(&[1], vec!["a".into()]).unwrap().is_unique());
     }
 }

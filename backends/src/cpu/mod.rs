@@ -8,8 +8,10 @@ pub mod ctx;
 mod control_flow;
 mod interp;
 pub mod gemm;
+pub mod qgemm;
 pub mod isa;
 pub mod kernels;
+mod prepack;
 pub mod registry;
 pub mod util;
 

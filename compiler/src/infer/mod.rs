@@ -7,6 +7,7 @@
 //! possibly symbolic elements (`Shape(x)` = `[batch, seq, 384]`), so that the usual exported shape
 //! arithmetic (Shape → Gather → Concat → Reshape) still yields symbolic output shapes.
 
+mod attention;
 mod control;
 mod dims;
 mod dtype;
@@ -247,6 +248,9 @@ pub(crate) fn tensor_type(dtype: Option<DType>, shape: Option<Vec<Dim>>) -> Type
 /// Output types of a node without subgraphs.
 fn node_types(cx: &Cx) -> Vec<Type> {
     if let Some(types) = ml::infer(cx) {
+        return types;
+    }
+    if let Some(types) = attention::infer(cx) {
         return types;
     }
     if !matches!(cx.node.domain.as_str(), "" | "ai.onnx") {

@@ -190,6 +190,10 @@ pub fn passes(opts: &CompressOptions) -> Result<Vec<Box<dyn Pass>>> {
         return Err(Error::Input(format!("--block-size {} (32, 64 or 128)", opts.block_size)));
     }
     let mut out: Vec<Box<dyn Pass>> = Vec::new();
+    if opts.is_empty() {
+        return Ok(out);
+    }
+    out.push(Box::new(AlignWeights));
     if let Some(p) = opts.prune {
         out.push(prune::pass(p, opts)?);
     }
@@ -199,6 +203,41 @@ pub fn passes(opts: &CompressOptions) -> Result<Vec<Box<dyn Pass>>> {
         None => {}
     }
     Ok(out)
+}
+
+/// Copies constants that sit at an odd offset of the .onnx memory map into aligned memory, so
+/// the compression passes can read every weight as `&[f32]` (they rewrite the weights anyway).
+struct AlignWeights;
+
+impl Pass for AlignWeights {
+    fn name(&self) -> &'static str {
+        "align-weights"
+    }
+
+    fn run(&self, model: &mut kiln_compiler::ir::Model) -> Result<(usize, Vec<String>)> {
+        fn align(g: &mut kiln_compiler::ir::Graph) -> usize {
+            let mut n = 0;
+            for v in &mut g.values {
+                if let Some(t) = v.konst.take() {
+                    let before = t.bytes().as_ptr();
+                    let t = t.aligned();
+                    n += usize::from(t.bytes().as_ptr() != before);
+                    v.konst = Some(t);
+                }
+            }
+            for node in &mut g.nodes {
+                for a in &mut node.attrs {
+                    match &mut a.value {
+                        kiln_compiler::ir::AttrValue::Graph(sg) => n += align(sg),
+                        kiln_compiler::ir::AttrValue::Graphs(gs) => n += gs.iter_mut().map(align).sum::<usize>(),
+                        _ => {}
+                    }
+                }
+            }
+            n
+        }
+        Ok((align(&mut model.graph), Vec::new()))
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 mod epilogue;
 mod kernel_scalar;
 pub mod pack;
+mod skinny;
 
 #[cfg(target_arch = "aarch64")]
 mod arm_neon;
@@ -28,7 +29,8 @@ use rayon::prelude::*;
 
 pub use self::epilogue::{act_scalar, erf, Act, Epilogue};
 pub(crate) use self::epilogue::apply_act;
-pub use self::pack::PackedB;
+pub(crate) use self::epilogue::exp;
+pub use self::pack::{PackedB, PackedView};
 pub use crate::cpu::isa::Isa;
 use crate::cpu::isa;
 use self::pack::AlignedBuf;
@@ -67,6 +69,19 @@ impl<'a> MatRef<'a> {
 pub enum BRef<'a> {
     Mat(MatRef<'a>),
     Packed(&'a PackedB),
+    /// Packed B borrowed in place (e.g. an artifact constant).
+    PackedView(PackedView<'a>),
+}
+
+impl<'a> BRef<'a> {
+    /// Prepacked forms as a view.
+    fn packed(self) -> Option<PackedView<'a>> {
+        match self {
+            BRef::Mat(_) => None,
+            BRef::Packed(p) => Some(p.view()),
+            BRef::PackedView(v) => Some(v),
+        }
+    }
 }
 
 /// A microkernel: `C[..mr, ..nr] = alpha·Σ_{p<kc} A[i,p]·B[p,j] (+ C if load)` with A packed MR-high
@@ -155,6 +170,17 @@ pub(crate) fn kernel_for(isa: Isa) -> &'static Kernel {
     }
 }
 
+/// `v = act(v)` in place with the active ISA's vector width (for callers outside GEMM, such as
+/// the gate nonlinearities of recurrent layers).
+pub fn act_in_place(v: &mut [f32], act: Act) {
+    let n = v.len();
+    if n == 0 {
+        return;
+    }
+    // SAFETY: one row of n writable floats; the active ISA is supported.
+    unsafe { epilogue::apply(isa::active(), v.as_mut_ptr(), n, 1, n, 0, &Epilogue::new(None, act)) };
+}
+
 /// `C = alpha·A·B` (`C += alpha·A·B` if `accumulate`), then `C = act(C + bias)`, with the active ISA.
 /// A is m×k, B k×n, C m×n row-major with leading dimension `ldc`. `parallel` lets the product use
 /// the current rayon pool (pass false when already inside a parallel loop).
@@ -173,6 +199,9 @@ pub fn sgemm(
 ) -> Result<()> {
     sgemm_with(isa::active(), m, n, k, a, b, c, ldc, accumulate, epi, parallel)
 }
+
+/// Up to this many rows of A, products take the skinny path: B is read in place in any layout.
+pub const SKINNY_M: usize = skinny::MAX_M;
 
 /// Up to this many rows of A, a row-major B is read in place instead of packed.
 const DIRECT_B_MAX_M: usize = 64;
@@ -208,17 +237,24 @@ pub fn sgemm_with(
         unsafe { epilogue::apply(kern.isa, c.as_mut_ptr(), ldc, m, n, 0, epi) };
         return Ok(());
     }
+    if m <= skinny::MAX_M {
+        if let Some(sb) = skinny_b(b, kern) {
+            run_skinny(kern, m, n, k, a, sb, c, ldc, accumulate, epi, parallel);
+            return Ok(());
+        }
+    }
     let relaid;
-    let bsrc = match b {
-        BRef::Packed(p) if p.nr() == kern.nr => BSrc::Packed(p),
-        BRef::Packed(p) => {
+    let bsrc = match (b, b.packed()) {
+        (_, Some(p)) if p.nr() == kern.nr => BSrc::Packed(p),
+        (_, Some(p)) => {
             relaid = p.repack(kern.isa);
-            BSrc::Packed(&relaid)
+            BSrc::Packed(relaid.view())
         }
         // In place when few A panels will stream each B sliver: packing would cost more (measured
         // on Zen 5: 26×384×1536 with AVX2 packs at 90 GFLOP/s, runs in place at 120).
-        BRef::Mat(bm) if bm.cs == 1 && m <= DIRECT_B_MAX_M => BSrc::Direct(bm),
-        BRef::Mat(bm) => BSrc::Pack(bm),
+        (BRef::Mat(bm), _) if bm.cs == 1 && m <= DIRECT_B_MAX_M => BSrc::Direct(bm),
+        (BRef::Mat(bm), _) => BSrc::Pack(bm),
+        (_, None) => unreachable!("packed forms have a view"),
     };
     let job = Job { kern, m, n, k, a, b: bsrc, c: CPtr(c.as_mut_ptr()), ldc, accumulate, epi };
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
@@ -234,15 +270,58 @@ pub fn sgemm_with(
     Ok(())
 }
 
+/// B as the skinny kernels can read it in place, if they can.
+fn skinny_b<'a>(b: BRef<'a>, kern: &Kernel) -> Option<skinny::SkinnyB<'a>> {
+    match b {
+        BRef::Mat(bm) if bm.cs == 1 => Some(skinny::SkinnyB::Rows { data: bm.data, ld: bm.rs }),
+        BRef::Mat(bm) if bm.rs == 1 => Some(skinny::SkinnyB::Cols { data: bm.data, ld: bm.cs }),
+        _ => match b.packed() {
+            Some(p) if p.nr() == kern.nr => Some(skinny::SkinnyB::Panels { data: p.data(), nr: p.nr() }),
+            _ => None,
+        },
+    }
+}
+
+/// A skinny product (m ≤ skinny::MAX_M, k > 0), its columns split across the pool when large.
+#[allow(clippy::too_many_arguments)]
+fn run_skinny(
+    kern: &Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: skinny::SkinnyB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    epi: &Epilogue,
+    parallel: bool,
+) {
+    const MIN_TASK: usize = 1 << 17; // multiply-adds: bandwidth-bound, a few µs
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let tasks = threads.min(m * n * k / MIN_TASK).max(1);
+    let cp = CPtr(c.as_mut_ptr());
+    // SAFETY: sgemm checked the operands; each task writes its own columns of C.
+    let go = |(j0, j1): (usize, usize)| unsafe {
+        let cp = cp;
+        skinny::run(kern.isa, m, k, a, b, cp.0, ldc, j0, j1, accumulate, epi)
+    };
+    if tasks == 1 {
+        go((0, n));
+    } else {
+        chunks(n, kern.nr * 64usize.div_ceil(kern.nr), tasks).into_par_iter().for_each(go);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn check(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: &[f32], ldc: usize, epi: &Epilogue) -> Result<()> {
     let bad = |what: &str| Err(Error::Other(format!("sgemm {m}x{k} · {k}x{n}: {what}")));
     if !a.fits(m, k) {
         return bad("A too small");
     }
-    match b {
-        BRef::Mat(bm) if !bm.fits(k, n) => return bad("B too small"),
-        BRef::Packed(p) if p.k() != k || p.n() != n => return bad(&format!("packed B is {}x{}", p.k(), p.n())),
+    match (b, b.packed()) {
+        (BRef::Mat(bm), _) if !bm.fits(k, n) => return bad("B too small"),
+        (_, Some(p)) if p.k() != k || p.n() != n => return bad(&format!("packed B is {}x{}", p.k(), p.n())),
         _ => {}
     }
     if m > 0 && n > 0 && (ldc < n || c.len() < (m - 1) * ldc + n) {
@@ -297,7 +376,7 @@ enum BSrc<'a> {
     /// Read full NR-wide panels in place (row-major B); only a ragged last panel is packed.
     Direct(MatRef<'a>),
     /// Prepacked panels covering all of K.
-    Packed(&'a PackedB),
+    Packed(PackedView<'a>),
 }
 
 #[derive(Clone, Copy)]

@@ -182,26 +182,9 @@ impl PackedB {
         unsafe { std::slice::from_raw_parts(self.buf.lines.as_ptr() as *const u8, floats * 4) }
     }
 
-    /// Rebuild from `as_bytes` output, checking magic, ISA, panel width and size.
+    /// Rebuild from `as_bytes` output, checking magic, ISA, panel width and size (a copy).
     pub fn from_bytes(bytes: &[u8]) -> Result<PackedB> {
-        let bad = |why: &str| Error::Other(format!("invalid packed GEMM weights: {why}"));
-        if bytes.len() < 64 || bytes[..8] != MAGIC {
-            return Err(bad("bad header"));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
-        let isa = Isa::from_code(u32_at(8)).ok_or_else(|| bad("unknown ISA"))?;
-        let nr = u32_at(12) as usize;
-        if nr != super::nr_for(isa) {
-            return Err(bad(&format!("panel width {nr} does not match the {isa} kernels")));
-        }
-        let k = usize::try_from(u64_at(16)).map_err(|_| bad("k too large"))?;
-        let n = usize::try_from(u64_at(24)).map_err(|_| bad("n too large"))?;
-        let len = n.checked_add(nr - 1).map(|v| v / nr).and_then(|p| p.checked_mul(k)).and_then(|v| v.checked_mul(nr));
-        let len = len.ok_or_else(|| bad("size overflow"))?;
-        if bytes.len() != (16 + len) * 4 {
-            return Err(bad(&format!("{} bytes for k={k} n={n} nr={nr}", bytes.len())));
-        }
+        let (isa, nr, k, n) = parse_header(bytes)?;
         let mut p = PackedB::alloc(isa, nr, k, n);
         for (f, c) in p.data_mut().iter_mut().zip(bytes[64..].chunks_exact(4)) {
             *f = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
@@ -209,16 +192,96 @@ impl PackedB {
         Ok(p)
     }
 
+    /// A borrowed view (what the kernels read).
+    pub fn view(&self) -> PackedView<'_> {
+        PackedView { data: self.data(), isa: self.isa, nr: self.nr, k: self.k, n: self.n }
+    }
+
     /// Element (p, j) of the original B (tests, relayout).
     pub fn get(&self, p: usize, j: usize) -> f32 {
-        self.data()[(j / self.nr) * self.k * self.nr + p * self.nr + j % self.nr]
+        self.view().get(p, j)
+    }
+
+    /// The same B packed for another ISA's kernels.
+    pub fn repack(&self, isa: Isa) -> PackedB {
+        self.view().repack(isa)
+    }
+}
+
+/// Check the header of serialized packed weights and their total size: (isa, nr, k, n).
+fn parse_header(bytes: &[u8]) -> Result<(Isa, usize, usize, usize)> {
+    let bad = |why: &str| Error::Other(format!("invalid packed GEMM weights: {why}"));
+    if bytes.len() < 64 || bytes[..8] != MAGIC {
+        return Err(bad("bad header"));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    let u64_at = |o: usize| u64::from(u32_at(o)) | (u64::from(u32_at(o + 4)) << 32);
+    let isa = Isa::from_code(u32_at(8)).ok_or_else(|| bad("unknown ISA"))?;
+    let nr = u32_at(12) as usize;
+    if nr != super::nr_for(isa) {
+        return Err(bad(&format!("panel width {nr} does not match the {isa} kernels")));
+    }
+    let k = usize::try_from(u64_at(16)).map_err(|_| bad("k too large"))?;
+    let n = usize::try_from(u64_at(24)).map_err(|_| bad("n too large"))?;
+    let len = n.checked_add(nr - 1).map(|v| v / nr).and_then(|p| p.checked_mul(k)).and_then(|v| v.checked_mul(nr));
+    let len = len.ok_or_else(|| bad("size overflow"))?;
+    if len.checked_add(16).and_then(|v| v.checked_mul(4)) != Some(bytes.len()) {
+        return Err(bad(&format!("{} bytes for k={k} n={n} nr={nr}", bytes.len())));
+    }
+    Ok((isa, nr, k, n))
+}
+
+/// Packed B borrowed from elsewhere (a `PackedB`, or the bytes of an artifact constant, zero-copy).
+#[derive(Clone, Copy)]
+pub struct PackedView<'a> {
+    data: &'a [f32],
+    isa: Isa,
+    nr: usize,
+    k: usize,
+    n: usize,
+}
+
+impl<'a> PackedView<'a> {
+    /// View serialized packed weights in place: `Ok(None)` if the bytes are not 4-byte aligned
+    /// (use `PackedB::from_bytes` to copy them then); an error if they are not valid.
+    pub fn from_bytes(bytes: &'a [u8]) -> Result<Option<PackedView<'a>>> {
+        let (isa, nr, k, n) = parse_header(bytes)?;
+        if bytes.as_ptr() as usize % std::mem::align_of::<f32>() != 0 {
+            return Ok(None);
+        }
+        let len = (bytes.len() - 64) / 4;
+        // SAFETY: aligned for f32, length checked by parse_header, every bit pattern is an f32.
+        let data = unsafe { std::slice::from_raw_parts(bytes.as_ptr().add(64) as *const f32, len) };
+        Ok(Some(PackedView { data, isa, nr, k, n }))
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+    pub fn nr(&self) -> usize {
+        self.nr
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// The panels.
+    pub fn data(&self) -> &'a [f32] {
+        self.data
+    }
+
+    /// Element (p, j) of the original B.
+    pub fn get(&self, p: usize, j: usize) -> f32 {
+        self.data[(j / self.nr) * self.k * self.nr + p * self.nr + j % self.nr]
     }
 
     /// The same B packed for another ISA's kernels.
     pub fn repack(&self, isa: Isa) -> PackedB {
         let nr = super::nr_for(isa);
-        let mut out = PackedB::alloc(isa, nr, self.k, self.n);
         let (k, n) = (self.k, self.n);
+        let mut out = PackedB::alloc(isa, nr, k, n);
         let d = out.data_mut();
         for j in 0..n {
             for p in 0..k {
@@ -226,6 +289,12 @@ impl PackedB {
             }
         }
         out
+    }
+}
+
+impl std::fmt::Debug for PackedView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedView({} k={} n={} nr={})", self.isa, self.k, self.n, self.nr)
     }
 }
 

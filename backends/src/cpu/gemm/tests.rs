@@ -60,6 +60,8 @@ struct Case {
     prepacked: bool,
     parallel: bool,
     extra_ldc: usize,
+    /// With `prepacked`: pass the packed bytes as a borrowed view (as artifact constants are).
+    view: bool,
 }
 
 fn run_case(isa: Isa, t: &Case) -> std::result::Result<(), String> {
@@ -78,7 +80,11 @@ fn run_case(isa: Isa, t: &Case) -> std::result::Result<(), String> {
     let packed;
     let bref = if t.prepacked {
         packed = PackedB::new(isa, b, k, n).map_err(|e| e.to_string())?;
-        BRef::Packed(&packed)
+        if t.view {
+            BRef::PackedView(PackedView::from_bytes(packed.as_bytes()).map_err(|e| e.to_string())?.ok_or("misaligned")?)
+        } else {
+            BRef::Packed(&packed)
+        }
     } else {
         BRef::Mat(b)
     };
@@ -131,6 +137,7 @@ fn base(m: usize, n: usize, k: usize) -> Case {
         prepacked: false,
         parallel: false,
         extra_ldc: 0,
+        view: false,
     }
 }
 
@@ -240,6 +247,90 @@ fn act_strategy() -> impl Strategy<Value = Act> {
     (0..ACTS.len()).prop_map(|i| ACTS[i])
 }
 
+#[test]
+fn skinny_every_layout_and_tail() {
+    // m ≤ 4 takes the skinny path (dot products for Bᵀ, row axpys otherwise); 5 is the first
+    // row count past it. k covers vector tails (15, 17) and n partial column blocks.
+    let nk = [(1, 1), (3, 17), (33, 16), (64, 15), (65, 31), (130, 257), (512, 128), (97, 200)];
+    for isa in available() {
+        for m in 1..=5 {
+            for &(n, k) in &nk {
+                for (trans_a, trans_b, prepacked) in
+                    [(false, false, false), (false, true, false), (true, true, false), (false, false, true), (true, false, false)]
+                {
+                    let t = Case { trans_a, trans_b, prepacked, view: prepacked && m % 2 == 0, ..base(m, n, k) };
+                    run_case(isa, &t).unwrap();
+                }
+                let t = Case {
+                    trans_b: n % 2 == 1,
+                    accumulate: true,
+                    bias: true,
+                    act: Act::Tanh,
+                    alpha: -0.75,
+                    extra_ldc: 5,
+                    ..base(m, n, k)
+                };
+                run_case(isa, &t).unwrap();
+            }
+        }
+        // Large enough to split the columns across threads.
+        for trans_b in [false, true] {
+            run_case(isa, &Case { trans_b, parallel: true, bias: true, act: Act::Sigmoid, ..base(3, 1000, 300) }).unwrap();
+            run_case(isa, &Case { trans_b, parallel: true, prepacked: true, view: true, ..base(1, 777, 400) }).unwrap();
+        }
+    }
+}
+
+#[test]
+fn packed_view_in_place() {
+    let b = fill(19 * 70, 21);
+    for isa in available() {
+        let p = PackedB::new(isa, MatRef::rows(&b, 70), 19, 70).unwrap();
+        let bytes = p.as_bytes();
+        let v = PackedView::from_bytes(bytes).unwrap().expect("aligned");
+        assert_eq!((v.k(), v.n(), v.nr(), v.isa()), (19, 70, p.nr(), isa));
+        // The view reads the same memory: no copy.
+        assert_eq!(v.data().as_ptr(), p.data().as_ptr());
+        assert_eq!(v.get(18, 69), b[18 * 70 + 69]);
+        // Misaligned bytes cannot be viewed in place (callers copy with PackedB::from_bytes).
+        let mut shifted = vec![0u8; bytes.len() + 1];
+        shifted[1..].copy_from_slice(bytes);
+        assert!(PackedView::from_bytes(&shifted[1..]).unwrap().is_none());
+        assert_eq!(PackedB::from_bytes(&shifted[1..]).unwrap().data(), p.data());
+        // Corruptions are errors, not panics.
+        assert!(PackedView::from_bytes(&bytes[..bytes.len() - 4]).is_err());
+        assert!(PackedView::from_bytes(&bytes[..10]).is_err());
+        let mut bad = bytes.to_vec();
+        bad[16] = 0xff; // k
+        assert!(PackedView::from_bytes(&bad).is_err());
+        let mut bad = bytes.to_vec();
+        bad[8] = 9; // ISA code
+        assert!(PackedView::from_bytes(&bad).is_err());
+        // A view with the wrong shape for the product is an error.
+        let a = fill(2 * 19, 22);
+        let mut c = vec![0f32; 2 * 71];
+        let r = sgemm_with(isa, 2, 71, 19, MatRef::rows(&a, 19), BRef::PackedView(v), &mut c, 71, false, &Epilogue::NONE, false);
+        assert!(r.is_err());
+    }
+}
+
+#[test]
+fn tanh_epilogue_is_accurate() {
+    // The vector tanh must agree with libm closely (recurrent gates and fused Tanh use it).
+    let xs: Vec<f32> = (-400..=400).map(|i| i as f32 * 0.0271).collect();
+    for isa in available() {
+        let mut c = xs.clone();
+        let epi = Epilogue::new(None, Act::Tanh);
+        let one = [1f32];
+        let a = MatRef::rows(&xs, 1);
+        sgemm_with(isa, xs.len(), 1, 1, a, BRef::Mat(MatRef::rows(&one, 1)), &mut c, 1, false, &epi, false).unwrap();
+        for (&x, &y) in xs.iter().zip(&c) {
+            let want = (x as f64).tanh();
+            assert!((y as f64 - want).abs() <= 4e-7 * want.abs() + 1e-30, "{isa} tanh({x}) = {y}, want {want}");
+        }
+    }
+}
+
 fn dim() -> impl Strategy<Value = usize> {
     prop_oneof![1..=4usize, Just(7usize), Just(13), Just(31), Just(37), 1..=80usize]
 }
@@ -248,11 +339,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
     fn matches_reference(
-        m in dim(), n in dim(), k in prop_oneof![1..=3usize, Just(97usize), Just(263), 1..=300usize],
+        m in prop_oneof![1..=20usize, dim()], n in dim(), k in prop_oneof![1..=3usize, Just(97usize), Just(263), 1..=300usize],
         trans_a: bool, trans_b: bool, accumulate: bool, bias: bool, prepacked: bool, parallel: bool,
         act in act_strategy(), alpha in prop_oneof![Just(1.0f32), Just(-0.75f32)], extra_ldc in 0..3usize,
+        view: bool,
     ) {
-        let t = Case { m, n, k, trans_a, trans_b, accumulate, bias, act, alpha, prepacked, parallel, extra_ldc };
+        let t = Case { m, n, k, trans_a, trans_b, accumulate, bias, act, alpha, prepacked, parallel, extra_ldc, view };
         for isa in available() {
             prop_assert_eq!(run_case(isa, &t), Ok(()));
         }

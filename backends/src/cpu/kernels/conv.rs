@@ -6,6 +6,8 @@
 //! Integer convolutions reuse the same code with exact i32 arithmetic. Geometry is padded to three
 //! spatial dims (unit leading dims) so one code path serves 1-D, 2-D and 3-D.
 
+use std::cell::RefCell;
+
 use half::{bf16, f16};
 use kiln_runtime::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
@@ -13,6 +15,9 @@ use rayon::prelude::*;
 use super::matmul::{gemm, quant_range, quant_tensor, requant_multiplier, requantize, Mat, MatElem};
 use super::pool::{spatial_geometry, DimGeom};
 use crate::cpu::ctx::OpCtx;
+use crate::cpu::gemm::pack::AlignedBuf;
+use crate::cpu::gemm::{apply_act, sgemm, Act, BRef, Epilogue, MatRef};
+use crate::cpu::isa::{self, Isa};
 use crate::cpu::registry::Registry;
 
 pub fn register(r: &mut Registry) {
@@ -276,16 +281,452 @@ fn depthwise<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], y: &mut [T]) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// f32: packed GEMM per output tile with bias and activation fused, direct depthwise kernel
+// ---------------------------------------------------------------------------------------------
+
+/// Floats of one task's working set (im2col tile + output tile) kept within L2.
+const TILE_FLOATS: usize = 128 * 1024;
+/// Multiply-adds below which a convolution stays on the calling thread.
+const PAR_MIN_WORK: usize = 1 << 20;
+
+thread_local! {
+    /// Per-thread scratch reused across calls: (im2col tile or padded plane, output tile).
+    static SCRATCH: RefCell<(AlignedBuf, AlignedBuf)> = RefCell::new(Default::default());
+}
+
+/// Run `f` with this thread's scratch buffers (fresh ones if they are already in use).
+fn with_scratch<R>(f: impl FnOnce(&mut AlignedBuf, &mut AlignedBuf) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => {
+            let (a, b) = &mut *s;
+            f(a, b)
+        }
+        Err(_) => f(&mut AlignedBuf::default(), &mut AlignedBuf::default()),
+    })
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes its own rows × columns block of the output (see `conv_gemm_f32`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// f32 Conv with bias and `act` fused, into a new tensor (every element written once).
+fn conv_f32_tensor(s: &ConvShape, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<Tensor> {
+    let bias = b.map(|b| b.view::<f32>()).transpose()?;
+    if bias.is_some_and(|bv| bv.len() != s.m) {
+        return Err(Error::Shape(format!("Conv: bias has {} elements, expected {}", bias.map_or(0, |b| b.len()), s.m)));
+    }
+    let (xv, wv) = (x.view::<f32>()?, w.view::<f32>()?);
+    Tensor::filled_by::<f32>(DType::F32, &s.out_shape, |y| conv_f32(s, xv, wv, bias, act, y))
+}
+
+/// `y = act(conv(x, w) + bias)` over contiguous f32 NC... buffers; `y` is written entirely.
+fn conv_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Act, y: &mut [f32]) -> Result<()> {
+    let g = &s.geo;
+    let (insz, outsz, ksz) = (g.in_size(), g.out_size(), g.k_size());
+    let cpg = s.c / s.group;
+    if x.len() != s.n * s.c * insz || w.len() != s.m * cpg * ksz || y.len() != s.n * s.m * outsz {
+        return Err(Error::Shape("Conv: buffer sizes do not match the shapes".into()));
+    }
+    if y.is_empty() {
+        return Ok(());
+    }
+    if cpg == 1 && s.group > 1 {
+        depthwise_f32(s, x, w, bias, act, y);
+        return Ok(());
+    }
+    conv_gemm_f32(s, x, w, bias, act, y)
+}
+
+/// One GEMM task: output rows `m0..m1` of group `grp` of image `b`, output positions `j0..j1`.
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    b: usize,
+    grp: usize,
+    m0: usize,
+    m1: usize,
+    j0: usize,
+    j1: usize,
+}
+
+/// Conv as GEMM: per task, `C[rows, cols] = W_g[rows, :] · B[:, cols]` where B is the input itself
+/// (1x1 stride-1 unpadded) or an im2col tile in per-thread scratch. The bias is written into C
+/// first and the activation runs in the GEMM epilogue, so C is touched once more at most, in L2.
+fn conv_gemm_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Act, y: &mut [f32]) -> Result<()> {
+    let g = &s.geo;
+    let outsz = g.out_size();
+    let (cpg, mpg) = (s.c / s.group, s.m / s.group);
+    let kdim = cpg * g.k_size();
+    let threads = rayon::current_num_threads();
+    let par = threads > 1 && s.n * s.m * outsz * kdim.max(1) >= PAR_MIN_WORK;
+    let units = s.n * s.group;
+    // Column tile: its im2col block and output block together fit the L2 budget.
+    let per_col = mpg + if g.is_pointwise() { 0 } else { kdim };
+    let mut cols = (TILE_FLOATS / per_col.max(1) / 32 * 32).max(32).min(outsz);
+    if par && units * outsz.div_ceil(cols) < 2 * threads {
+        cols = outsz.div_ceil((2 * threads).div_ceil(units)).next_multiple_of(32).min(outsz);
+    }
+    let ntiles = outsz.div_ceil(cols);
+    // Split the output channels too when there are still fewer tasks than threads.
+    let mblocks = if par && units * ntiles < threads && mpg >= 32 { threads } else { 1 };
+    let mrows = mpg.div_ceil(mblocks).next_multiple_of(8).min(mpg);
+    let mut tasks = Vec::with_capacity(units * ntiles * mblocks);
+    for b in 0..s.n {
+        for grp in 0..s.group {
+            for m0 in (0..mpg).step_by(mrows.max(1)) {
+                for j0 in (0..outsz).step_by(cols) {
+                    tasks.push(Task { b, grp, m0, m1: (m0 + mrows).min(mpg), j0, j1: (j0 + cols).min(outsz) });
+                }
+            }
+        }
+    }
+    let run = |t: &Task, c: &mut [f32], ldc: usize, col: &mut AlignedBuf| gemm_task(s, x, w, bias, act, t, c, ldc, col);
+    if !par {
+        return with_scratch(|col, _| {
+            tasks.iter().try_for_each(|t| {
+                let start = (t.b * s.m + t.grp * mpg + t.m0) * outsz + t.j0;
+                run(t, &mut y[start..], outsz, col)
+            })
+        });
+    }
+    // Tasks compute into their own tile and copy it out: their output blocks interleave in y.
+    let out = OutPtr(y.as_mut_ptr());
+    let ylen = y.len();
+    tasks.par_iter().try_for_each(|t| {
+        with_scratch(|col, tile| {
+            let (rows, ncols) = (t.m1 - t.m0, t.j1 - t.j0);
+            let c = tile.get(rows * ncols);
+            run(t, c, ncols, col)?;
+            for (i, src) in c.chunks_exact(ncols).enumerate() {
+                let start = (t.b * s.m + t.grp * mpg + t.m0 + i) * outsz + t.j0;
+                assert!(start + ncols <= ylen);
+                let out = out;
+                // SAFETY: in bounds (checked); tasks cover disjoint (row, column) blocks of y.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.0.add(start), ncols) };
+            }
+            Ok(())
+        })
+    })
+}
+
+/// One task's GEMM into `c` (rows `ldc` apart, starting at the task's first element).
+#[allow(clippy::too_many_arguments)]
+fn gemm_task(
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    act: Act,
+    t: &Task,
+    c: &mut [f32],
+    ldc: usize,
+    col: &mut AlignedBuf,
+) -> Result<()> {
+    let g = &s.geo;
+    let (insz, outsz) = (g.in_size(), g.out_size());
+    let (cpg, mpg) = (s.c / s.group, s.m / s.group);
+    let kdim = cpg * g.k_size();
+    let (rows, ncols) = (t.m1 - t.m0, t.j1 - t.j0);
+    let m_first = t.grp * mpg + t.m0;
+    if let Some(bias) = bias {
+        for (row, &bv) in c.chunks_mut(ldc).zip(&bias[m_first..m_first + rows]) {
+            row[..ncols].fill(bv);
+        }
+    }
+    let xg = &x[(t.b * s.c + t.grp * cpg) * insz..][..cpg * insz];
+    let a = MatRef::rows(&w[m_first * kdim..][..rows * kdim], kdim);
+    let epi = Epilogue::new(None, act);
+    let acc = bias.is_some();
+    if g.is_pointwise() {
+        let bm = MatRef::rows(&xg[t.j0..], insz);
+        debug_assert_eq!(outsz, insz);
+        return sgemm(rows, ncols, kdim, a, BRef::Mat(bm), c, ldc, acc, &epi, false);
+    }
+    let colbuf = col.get(kdim * ncols);
+    im2col_range(g, xg, cpg, t.j0, t.j1, colbuf);
+    sgemm(rows, ncols, kdim, a, BRef::Mat(MatRef::rows(colbuf, ncols)), c, ldc, acc, &epi, false)
+}
+
+/// Fill `col` ([channels·k, j1-j0], row-major) with the input patches of output positions
+/// `j0..j1` (flat indices over the output's spatial dims). Every element is written.
+fn im2col_range(g: &Geo3, x: &[f32], channels: usize, j0: usize, j1: usize, col: &mut [f32]) {
+    let ksz = g.k_size();
+    let ncols = j1 - j0;
+    let (oh, ow) = (g.output[1], g.output[2]);
+    let (ih, iw) = (g.input[1], g.input[2]);
+    let insz = g.in_size();
+    for (r, crow) in col.chunks_exact_mut(ncols).take(channels * ksz).enumerate() {
+        let (c, kk) = (r / ksz, r % ksz);
+        let (kd, kh, kw) = (kk / (g.kernel[1] * g.kernel[2]), kk / g.kernel[2] % g.kernel[1], kk % g.kernel[2]);
+        let xc = &x[c * insz..(c + 1) * insz];
+        let (vd, vh, vw) = (g.valid(0, kd), g.valid(1, kh), g.valid(2, kw));
+        let (s2, off2) = (g.stride[2], kw * g.dilation[2]);
+        let mut j = j0;
+        while j < j1 {
+            let (row, lo) = (j / ow, j % ow);
+            let hi = ow.min(lo + (j1 - j));
+            let dst = &mut crow[j - j0..][..hi - lo];
+            let (od, ohh) = (row / oh, row % oh);
+            if od < vd.0 || od >= vd.1 || ohh < vh.0 || ohh >= vh.1 {
+                dst.fill(0.0);
+            } else {
+                let base = (g.src(0, od, kd) * ih + g.src(1, ohh, kh)) * iw;
+                let (a, b) = (vw.0.clamp(lo, hi), vw.1.clamp(lo, hi));
+                dst[..a - lo].fill(0.0);
+                dst[b - lo..].fill(0.0);
+                if a < b {
+                    let first = base + a * s2 + off2 - g.pad[2];
+                    let d = &mut dst[a - lo..b - lo];
+                    if s2 == 1 {
+                        d.copy_from_slice(&xc[first..first + d.len()]);
+                    } else {
+                        for (v, &src) in d.iter_mut().zip(xc[first..].iter().step_by(s2)) {
+                            *v = src;
+                        }
+                    }
+                }
+            }
+            j += hi - lo;
+        }
+    }
+}
+
+// ---- depthwise ----
+
+/// One depthwise output plane's operands: a source plane whose (0, 0) is the first window's
+/// top-left tap (padding already materialized), rows `ld` apart.
+struct DwPlane<'a> {
+    src: &'a [f32],
+    ld: usize,
+    w: &'a [f32],
+    bias: f32,
+    act: Act,
+    out: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+}
+
+/// Depthwise (one input channel per group) f32 conv: per output plane, the input plane is copied
+/// with its padding into scratch (skipped when unpadded) so every window lies inside it, then each
+/// output row is computed in vector-width chunks with all taps in registers, bias and activation
+/// applied while the row is in L1.
+fn depthwise_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Act, y: &mut [f32]) {
+    let g = &s.geo;
+    if g.kernel[0] != 1 || g.input[0] != 1 || g.output[0] != 1 || g.pad[0] != 0 {
+        // 3-D: the generic loop, then bias and activation.
+        y.fill(0.0);
+        depthwise(s, x, w, y);
+        for (p, plane) in y.chunks_mut(g.out_size()).enumerate() {
+            let bv = bias.map_or(0.0, |b| b[p % s.m]);
+            plane.iter_mut().for_each(|v| *v += bv);
+            apply_act(plane, act);
+        }
+        return;
+    }
+    depthwise_2d_f32(isa::active(), s, x, w, bias, act, y);
+}
+
+/// `depthwise_f32` for 1-D / 2-D geometry with the kernels of `isa` (a supported ISA).
+fn depthwise_2d_f32(isa: Isa, s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Act, y: &mut [f32]) {
+    let g = &s.geo;
+    let (insz, outsz, ksz) = (g.in_size(), g.out_size(), g.k_size());
+    let mult = s.m / s.c;
+    let plane = |p: usize, yp: &mut [f32], buf: &mut AlignedBuf| {
+        let m = p % s.m;
+        let xc = &x[(p / s.m * s.c + m / mult) * insz..][..insz];
+        let (src, ld) = padded_plane(g, xc, buf);
+        let args = DwPlane {
+            src,
+            ld,
+            w: &w[m * ksz..(m + 1) * ksz],
+            bias: bias.map_or(0.0, |b| b[m]),
+            act,
+            out: [g.output[1], g.output[2]],
+            kernel: [g.kernel[1], g.kernel[2]],
+            stride: [g.stride[1], g.stride[2]],
+            dilation: [g.dilation[1], g.dilation[2]],
+        };
+        dw_plane(isa, &args, yp);
+    };
+    let work = y.len() * ksz;
+    if rayon::current_num_threads() > 1 && work >= PAR_MIN_WORK {
+        let min_len = (PAR_MIN_WORK / 16 / (outsz * ksz).max(1)).max(1);
+        y.par_chunks_mut(outsz).with_min_len(min_len).enumerate().for_each(|(p, yp)| with_scratch(|buf, _| plane(p, yp, buf)));
+    } else {
+        with_scratch(|buf, _| y.chunks_mut(outsz).enumerate().for_each(|(p, yp)| plane(p, yp, buf)));
+    }
+}
+
+/// The input plane extended by its padding (zeros) to exactly the rows and columns the windows
+/// read, as (data, row stride); the input itself when no padding is needed.
+fn padded_plane<'a>(g: &Geo3, xc: &'a [f32], buf: &'a mut AlignedBuf) -> (&'a [f32], usize) {
+    let (ih, iw) = (g.input[1], g.input[2]);
+    let rows = (g.output[1] - 1) * g.stride[1] + (g.kernel[1] - 1) * g.dilation[1] + 1;
+    let cols = (g.output[2] - 1) * g.stride[2] + (g.kernel[2] - 1) * g.dilation[2] + 1;
+    let (pt, pl) = (g.pad[1], g.pad[2]);
+    if pt == 0 && pl == 0 && rows <= ih && cols <= iw {
+        return (xc, iw);
+    }
+    let dst = buf.get(rows * cols);
+    for (r, drow) in dst.chunks_exact_mut(cols).enumerate() {
+        let Some(sr) = r.checked_sub(pt).filter(|&sr| sr < ih) else {
+            drow.fill(0.0);
+            continue;
+        };
+        let srow = &xc[sr * iw..(sr + 1) * iw];
+        // Columns pl..pl+iw of the padded row hold the input row, clipped to `cols`.
+        let a = pl.min(cols);
+        let b = (pl + iw).min(cols);
+        drow[..a].fill(0.0);
+        drow[b..].fill(0.0);
+        drow[a..b].copy_from_slice(&srow[..b - a]);
+    }
+    (dst, cols)
+}
+
+/// One depthwise plane with the kernels of `isa`.
+fn dw_plane(isa: Isa, p: &DwPlane, y: &mut [f32]) {
+    match isa {
+        // SAFETY: `isa` is the active ISA, which the CPU supports.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { dw_plane_avx512(p, y) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { dw_plane_avx2(p, y) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => dw_plane_rows::<true>(p, y),
+        _ => dw_plane_rows::<false>(p, y),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+unsafe fn dw_plane_avx512(p: &DwPlane, y: &mut [f32]) {
+    dw_plane_rows::<true>(p, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_plane_avx2(p: &DwPlane, y: &mut [f32]) {
+    dw_plane_rows::<true>(p, y)
+}
+
+/// `a·b + c`, fused where the ISA has FMA (no libm call otherwise).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn dw_plane_rows<const FMA: bool>(p: &DwPlane, y: &mut [f32]) {
+    let [oh, ow] = p.out;
+    for (o, out) in y.chunks_exact_mut(ow).take(oh).enumerate() {
+        let top = o * p.stride[0];
+        match (p.kernel[1], p.stride[1], p.dilation[1]) {
+            (3, 1, 1) => dw_row::<FMA, 3, 1>(p, top, out),
+            (3, 2, 1) => dw_row::<FMA, 3, 2>(p, top, out),
+            (5, 1, 1) => dw_row::<FMA, 5, 1>(p, top, out),
+            (5, 2, 1) => dw_row::<FMA, 5, 2>(p, top, out),
+            _ => dw_row_any::<FMA>(p, top, out),
+        }
+        apply_act(out, p.act);
+    }
+}
+
+/// Output columns per register block.
+const DW_LANES: usize = 16;
+
+/// One output row for kernel width KW, column stride SW, unit column dilation: blocks of
+/// DW_LANES outputs accumulate every tap in registers.
+#[inline(always)]
+fn dw_row<const FMA: bool, const KW: usize, const SW: usize>(p: &DwPlane, top: usize, out: &mut [f32]) {
+    let ow = out.len();
+    let kh = p.kernel[0];
+    let full = ow / DW_LANES * DW_LANES;
+    // Each source row read here spans (ow-1)·SW + KW floats from its start.
+    let need = (ow.max(1) - 1) * SW + KW;
+    for i in 0..kh {
+        let start = (top + i * p.dilation[0]) * p.ld;
+        assert!(start + need <= p.src.len() && p.w.len() >= kh * KW);
+    }
+    let mut c0 = 0;
+    while c0 < full {
+        let mut acc = [p.bias; DW_LANES];
+        for i in 0..kh {
+            let row = (top + i * p.dilation[0]) * p.ld + c0 * SW;
+            for j in 0..KW {
+                // SAFETY: row + (c0 + DW_LANES - 1)·SW + j < start + need ≤ src.len() (asserted).
+                let wv = unsafe { *p.w.get_unchecked(i * KW + j) };
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let v = unsafe { *p.src.get_unchecked(row + l * SW + j) };
+                    *a = madd::<FMA>(wv, v, *a);
+                }
+            }
+        }
+        out[c0..c0 + DW_LANES].copy_from_slice(&acc);
+        c0 += DW_LANES;
+    }
+    for (c, o) in out.iter_mut().enumerate().skip(full) {
+        let mut a = p.bias;
+        for i in 0..kh {
+            let row = &p.src[(top + i * p.dilation[0]) * p.ld + c * SW..][..KW];
+            for (&v, &wv) in row.iter().zip(&p.w[i * KW..(i + 1) * KW]) {
+                a = madd::<FMA>(wv, v, a);
+            }
+        }
+        *o = a;
+    }
+}
+
+/// One output row for any kernel width, stride and dilation: tap by tap over the row.
+#[inline(always)]
+fn dw_row_any<const FMA: bool>(p: &DwPlane, top: usize, out: &mut [f32]) {
+    let (kh, kw) = (p.kernel[0], p.kernel[1]);
+    let (sw, dw) = (p.stride[1], p.dilation[1]);
+    out.fill(p.bias);
+    for i in 0..kh {
+        let row = &p.src[(top + i * p.dilation[0]) * p.ld..];
+        for j in 0..kw {
+            let wv = p.w[i * kw + j];
+            let src = &row[j * dw..];
+            if sw == 1 {
+                for (o, &v) in out.iter_mut().zip(src) {
+                    *o = madd::<FMA>(wv, v, *o);
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(src.iter().step_by(sw)) {
+                    *o = madd::<FMA>(wv, v, *o);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Conv
 // ---------------------------------------------------------------------------------------------
 
 pub(crate) fn conv(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    conv_act(ctx, inputs, Act::None)
+}
+
+/// Conv followed by `act` (FusedConv), fused into the f32 kernels; other dtypes take no activation.
+pub(crate) fn conv_act(ctx: &OpCtx, inputs: &[Option<Tensor>], act: Act) -> Result<Vec<Tensor>> {
     let x = ctx.input(inputs, 0)?;
     let w = ctx.input(inputs, 1)?;
     let b = ctx.opt_input(inputs, 2);
     let s = conv_shape(ctx, x, w)?;
+    if act != Act::None && x.dtype() != DType::F32 {
+        return Err(Error::DType(format!("FusedConv activation on {} output", x.dtype())));
+    }
     let y = match x.dtype() {
-        DType::F32 => typed::<f32>(&s, x, w, b)?,
+        DType::F32 => conv_f32_tensor(&s, x, w, b, act)?,
         DType::F64 => typed::<f64>(&s, x, w, b)?,
         DType::F16 | DType::BF16 => {
             let mut y = vec![0f32; s.out_shape.iter().product()];
@@ -810,5 +1251,269 @@ mod tests {
             vec![t(vec![1., 2.], &[1, 1, 2]), t(vec![1., 1., 1.], &[1, 1, 3]), None],
         );
         assert_eq!(y.view::<f32>().unwrap(), &[1., 1., 3., 2., 2.]);
+    }
+
+    // ---- f32 conv against a scalar reference ----
+
+    use crate::cpu::gemm::act_scalar;
+    use proptest::prelude::*;
+
+    /// A conv problem: shapes and attributes (per spatial dim).
+    #[derive(Clone, Debug)]
+    struct Case {
+        n: usize,
+        c: usize,
+        m: usize,
+        group: usize,
+        input: Vec<usize>,
+        kernel: Vec<usize>,
+        strides: Vec<usize>,
+        dil: Vec<usize>,
+        pads: Vec<usize>,
+        bias: bool,
+        act: Act,
+    }
+
+    fn lcg(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    impl Case {
+        fn nd(&self) -> usize {
+            self.input.len()
+        }
+
+        fn out_dims(&self) -> Vec<usize> {
+            (0..self.nd())
+                .map(|i| {
+                    let ek = (self.kernel[i] - 1) * self.dil[i] + 1;
+                    let padded = self.input[i] + self.pads[i] + self.pads[i + self.nd()];
+                    if padded < ek { 0 } else { (padded - ek) / self.strides[i] + 1 }
+                })
+                .collect()
+        }
+
+        fn tensors(&self, seed: u64) -> (Tensor, Tensor, Option<Tensor>) {
+            let mut r = lcg(seed);
+            let mut xs = vec![self.n, self.c];
+            xs.extend(&self.input);
+            let mut ws = vec![self.m, self.c / self.group];
+            ws.extend(&self.kernel);
+            let x: Vec<f32> = (0..xs.iter().product::<usize>()).map(|_| r()).collect();
+            let w: Vec<f32> = (0..ws.iter().product::<usize>()).map(|_| r()).collect();
+            let b = self.bias.then(|| Tensor::from_vec(&[self.m], (0..self.m).map(|_| r()).collect()).unwrap());
+            (Tensor::from_vec(&xs, x).unwrap(), Tensor::from_vec(&ws, w).unwrap(), b)
+        }
+
+        fn attrs(&self) -> Vec<Attr> {
+            let v = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
+            vec![
+                ints("strides", &v(&self.strides)),
+                ints("dilations", &v(&self.dil)),
+                ints("pads", &v(&self.pads)),
+                Attr { name: "group".into(), kind: AttrKind::Int as i32, i: self.group as i64, ..Default::default() },
+            ]
+        }
+
+        /// The convolution by its definition, accumulated in f64.
+        fn reference(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Vec<f32> {
+            let (x, w) = (x.view::<f32>().unwrap(), w.view::<f32>().unwrap());
+            let b = b.map(|b| b.view::<f32>().unwrap());
+            let nd = self.nd();
+            let out = self.out_dims();
+            let (osz, isz, ksz) = (out.iter().product::<usize>(), self.input.iter().product::<usize>(), self.kernel.iter().product::<usize>());
+            let (cpg, mpg) = (self.c / self.group, self.m / self.group);
+            let mut y = vec![0f32; self.n * self.m * osz];
+            for bi in 0..self.n {
+                for m in 0..self.m {
+                    let grp = m / mpg;
+                    for o in 0..osz {
+                        let mut acc = b.map_or(0.0, |b| b[m] as f64);
+                        for ci in 0..cpg {
+                            let c = grp * cpg + ci;
+                            'taps: for kk in 0..ksz {
+                                let (mut orem, mut krem, mut xi) = (o, kk, 0usize);
+                                let mut ostr = osz;
+                                let mut kstr = ksz;
+                                for d in 0..nd {
+                                    ostr /= out[d];
+                                    kstr /= self.kernel[d];
+                                    let (od, kd) = (orem / ostr, krem / kstr);
+                                    orem %= ostr;
+                                    krem %= kstr;
+                                    let pos = (od * self.strides[d] + kd * self.dil[d]) as isize - self.pads[d] as isize;
+                                    if pos < 0 || pos >= self.input[d] as isize {
+                                        continue 'taps;
+                                    }
+                                    xi = xi * self.input[d] + pos as usize;
+                                }
+                                acc += x[(bi * self.c + c) * isz + xi] as f64 * w[(m * cpg + ci) * ksz + kk] as f64;
+                            }
+                        }
+                        y[(bi * self.m + m) * osz + o] = act_scalar(acc as f32, self.act);
+                    }
+                }
+            }
+            y
+        }
+
+        fn check(&self, seed: u64) {
+            let (x, w, b) = self.tensors(seed);
+            let want = self.reference(&x, &w, b.as_ref());
+            let mut attrs = self.attrs();
+            let inputs = vec![Some(x), Some(w), b];
+            let got = if self.act == Act::None {
+                run("Conv", attrs, inputs)
+            } else {
+                attrs.extend(act_attrs(self.act));
+                let step = Step { op: "FusedConv".into(), domain: "kiln".into(), opset: 1, outputs: vec![0], attrs, ..Default::default() };
+                crate::cpu::eval_step(&step, &inputs).unwrap().remove(0)
+            };
+            let mut shape = vec![self.n, self.m];
+            shape.extend(self.out_dims());
+            assert_eq!(got.shape(), &shape[..], "{self:?}");
+            for (i, (&g, &r)) in got.view::<f32>().unwrap().iter().zip(&want).enumerate() {
+                assert!((g - r).abs() <= 1e-5 + 1e-4 * r.abs(), "{self:?}: element {i}: got {g}, want {r}");
+            }
+        }
+    }
+
+    fn act_attrs(act: Act) -> Vec<Attr> {
+        let (name, params) = match act {
+            Act::Relu => ("Relu", vec![]),
+            Act::Clip(a, b) => ("Clip", vec![a, b]),
+            Act::LeakyRelu(a) => ("LeakyRelu", vec![a]),
+            Act::Sigmoid => ("Sigmoid", vec![]),
+            Act::HardSigmoid(a, b) => ("HardSigmoid", vec![a, b]),
+            Act::HardSwish => ("HardSwish", vec![]),
+            _ => ("Tanh", vec![]),
+        };
+        vec![
+            Attr { name: "activation".into(), kind: AttrKind::String as i32, s: name.as_bytes().to_vec(), ..Default::default() },
+            Attr { name: "activation_params".into(), kind: AttrKind::Floats as i32, floats: params, ..Default::default() },
+        ]
+    }
+
+    const ACTS: [Act; 7] =
+        [Act::None, Act::Relu, Act::Clip(-0.5, 0.5), Act::LeakyRelu(0.1), Act::HardSigmoid(0.2, 0.5), Act::HardSwish, Act::Sigmoid];
+
+    fn case_strategy(max_w: usize) -> impl Strategy<Value = Case> {
+        (1usize..=2, 1usize..=3, 1usize..=4, 1usize..=4, 1usize..=2, any::<bool>(), 0usize..ACTS.len(), 0u32..4)
+            .prop_flat_map(move |(n, group, cpg, mpg, nd, bias, act, kind)| {
+                let dims = prop::collection::vec((1usize..=max_w, 1usize..=5, 1usize..=3, 1usize..=2, 0usize..=2, 0usize..=2), nd);
+                (Just((n, group, cpg, mpg, bias, act, kind)), dims)
+            })
+            .prop_map(|((n, group, cpg, mpg, bias, act, kind), dims)| {
+                // kind 0: depthwise (cpg 1, group = C), kind 1: 1x1 pointwise, else anything.
+                let (group, cpg) = if kind == 0 { (group + 1, 1) } else { (group, cpg) };
+                let nd = dims.len();
+                let mut c = Case {
+                    n,
+                    c: cpg * group,
+                    m: mpg * group,
+                    group,
+                    input: dims.iter().map(|d| d.0).collect(),
+                    kernel: dims.iter().map(|d| if kind == 1 { 1 } else { d.1 }).collect(),
+                    strides: dims.iter().map(|d| if kind == 1 { 1 } else { d.2 }).collect(),
+                    dil: dims.iter().map(|d| d.3).collect(),
+                    pads: vec![0; 2 * nd],
+                    bias,
+                    act: ACTS[act],
+                };
+                if kind != 1 {
+                    for (i, d) in dims.iter().enumerate() {
+                        c.pads[i] = d.4;
+                        c.pads[i + nd] = d.5;
+                    }
+                }
+                c
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn conv_f32_matches_reference(c in case_strategy(9), seed in any::<u64>()) {
+            c.check(seed);
+        }
+
+        #[test]
+        fn conv_f32_wide_rows_match_reference(c in case_strategy(40), seed in any::<u64>()) {
+            c.check(seed);
+        }
+    }
+
+    fn case2d(c: usize, m: usize, group: usize, hw: [usize; 2], k: usize, s: [usize; 2], pad: usize) -> Case {
+        Case {
+            n: 1,
+            c,
+            m,
+            group,
+            input: hw.to_vec(),
+            kernel: vec![k, k],
+            strides: s.to_vec(),
+            dil: vec![1, 1],
+            pads: vec![pad; 4],
+            bias: true,
+            act: Act::HardSwish,
+        }
+    }
+
+    #[test]
+    fn depthwise_fast_paths_and_large_planes() {
+        // 3x3 / 5x5 with column stride 1 and 2 (the register-blocked rows), widths with tails,
+        // planes large enough to run in parallel, and a channel multiplier of 2.
+        for (k, s) in [(3, [1, 1]), (3, [2, 2]), (5, [1, 1]), (5, [2, 1]), (3, [1, 2]), (4, [1, 1])] {
+            case2d(8, 8, 8, [21, 37], k, s, k / 2).check(k as u64);
+            case2d(4, 4, 4, [70, 90], k, s, k / 2).check(7);
+        }
+        case2d(3, 6, 3, [9, 35], 3, [1, 1], 1).check(3);
+        let mut c = case2d(5, 5, 5, [6, 40], 3, [1, 1], 0);
+        c.dil = vec![2, 3];
+        c.check(11);
+    }
+
+    #[test]
+    fn gemm_conv_large_and_parallel() {
+        // Big enough for parallel tiles (and a split over output channels), 1x1 and 3x3.
+        case2d(16, 24, 1, [40, 44], 3, [1, 1], 1).check(1);
+        case2d(64, 96, 1, [4, 7], 3, [1, 1], 1).check(2);
+        case2d(64, 80, 1, [30, 30], 1, [1, 1], 0).check(3);
+        case2d(12, 8, 2, [33, 31], 3, [2, 2], 1).check(4);
+        case2d(3, 16, 1, [64, 64], 3, [2, 2], 1).check(5);
+        case2d(256, 64, 1, [12, 12], 3, [1, 1], 1).check(6);
+    }
+
+    #[test]
+    fn depthwise_every_isa_matches_scalar() {
+        let c = case2d(6, 6, 6, [13, 45], 5, [1, 1], 2);
+        let (x, w, b) = c.tensors(9);
+        let step = Step { op: "Conv".into(), opset: 17, attrs: c.attrs(), ..Default::default() };
+        let ctx = OpCtx::new(&step, None);
+        let s = conv_shape(&ctx, &x, &w).unwrap();
+        let want = c.reference(&x, &w, b.as_ref());
+        for isa in crate::cpu::isa::available() {
+            let mut y = vec![f32::NAN; want.len()];
+            let bv = b.as_ref().map(|b| b.view::<f32>().unwrap());
+            depthwise_2d_f32(isa, &s, x.view().unwrap(), w.view().unwrap(), bv, c.act, &mut y);
+            for (&g, &r) in y.iter().zip(&want) {
+                assert!((g - r).abs() <= 1e-5 + 1e-4 * r.abs(), "{isa}: got {g}, want {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_conv_rejects_activation_on_f64() {
+        let x = Tensor::from_vec(&[1, 1, 2], vec![1f64, 2.]).unwrap();
+        let w = Tensor::from_vec(&[1, 1, 1], vec![1f64]).unwrap();
+        let mut attrs = act_attrs(Act::Relu);
+        attrs.push(ints("strides", &[1]));
+        let step = Step { op: "FusedConv".into(), domain: "kiln".into(), opset: 1, outputs: vec![0], attrs, ..Default::default() };
+        assert!(crate::cpu::eval_step(&step, &[Some(x), Some(w), None]).is_err());
     }
 }

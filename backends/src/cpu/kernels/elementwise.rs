@@ -10,9 +10,45 @@ use half::{bf16, f16};
 use kiln_runtime::{DType, Elem, Error, Result, Tensor};
 use rayon::prelude::*;
 
+use super::unary::{take_input, with_isa};
 use crate::cpu::ctx::OpCtx;
 use crate::cpu::registry::Registry;
 use crate::cpu::util::{broadcast_shapes, broadcast_strides};
+
+/// A kernel that takes its inputs by value, so it may write its result into the buffer of an
+/// input nobody else holds (the interpreter hands over inputs whose last reader is the step).
+pub(crate) type OwnedKernel = fn(&OpCtx, Vec<Option<Tensor>>) -> Result<Vec<Tensor>>;
+
+/// The owned-input form of the kernel for (domain, op), for the ops that can reuse an input.
+pub(crate) fn owned_kernel(domain: &str, op: &str) -> Option<OwnedKernel> {
+    if !(domain.is_empty() || domain == "ai.onnx") {
+        return None;
+    }
+    match op {
+        "Add" => Some(add),
+        "Sub" => Some(sub),
+        "Mul" => Some(mul),
+        "Div" => Some(div),
+        _ => super::unary::owned(op)
+            .or_else(|| super::softmax::owned(op))
+            .or_else(|| super::norm::owned(op)),
+    }
+}
+
+/// The registry (borrowed-input) form of an owned kernel: inputs are cloned, which only bumps
+/// reference counts, so nothing is written in place.
+macro_rules! borrowed {
+    ($f:ident) => {{
+        fn b(
+            ctx: &$crate::cpu::ctx::OpCtx,
+            inputs: &[Option<kiln_runtime::Tensor>],
+        ) -> kiln_runtime::Result<Vec<kiln_runtime::Tensor>> {
+            $f(ctx, inputs.to_vec())
+        }
+        b as $crate::cpu::registry::TensorKernel
+    }};
+}
+pub(crate) use borrowed;
 
 /// Outputs with at least this many elements are split across threads, in chunks of this size.
 const PAR_CHUNK: usize = 1 << 15;
@@ -71,13 +107,14 @@ impl<const N: usize> Plan<N> {
         if out.len() >= 2 * PAR_CHUNK {
             out.par_chunks_mut(PAR_CHUNK)
                 .enumerate()
-                .for_each(|(i, chunk)| self.run_range(chunk, i * PAR_CHUNK, &row));
+                .for_each(|(i, chunk)| with_isa(|| self.run_range(chunk, i * PAR_CHUNK, &row)));
         } else if !out.is_empty() {
-            self.run_range(out, 0, &row);
+            with_isa(|| self.run_range(out, 0, &row));
         }
     }
 
     /// Process outputs `[start, start + out.len())`.
+    #[inline(always)]
     fn run_range<O>(&self, out: &mut [O], start: usize, row: &impl Fn(&mut [O], [usize; N])) {
         let rank = self.shape.len();
         let inner = self.shape[rank - 1];
@@ -159,9 +196,43 @@ pub(crate) fn map2<A: Elem, B: Elem, O: Elem>(
 ) -> Result<Tensor> {
     let (shape, plan) = Plan::new([a.shape(), b.shape()])?;
     let (av, bv) = (a.view::<A>()?, b.view::<B>()?);
-    let mut out = Tensor::zeros(dt, &shape);
-    map2_into(&plan, av, bv, out.view_mut::<O>()?, |x, y| f(*x, *y));
-    Ok(out)
+    Tensor::filled_by::<O>(dt, &shape, |out| {
+        map2_into(&plan, av, bv, out, |x, y| f(*x, *y));
+        Ok(())
+    })
+}
+
+/// `o[i] = f(o[i], b[i·sb])`: one run of a binary map written over its first operand.
+#[inline(always)]
+fn row_over<T: Copy>(o: &mut [T], b: &[T], sb: usize, f: &impl Fn(T, T) -> T) {
+    let n = o.len();
+    if sb == 1 {
+        o.iter_mut().zip(&b[..n]).for_each(|(x, &y)| *x = f(*x, y));
+    } else {
+        let y = b[0];
+        o.iter_mut().for_each(|x| *x = f(*x, y));
+    }
+}
+
+/// `f(a, b)` broadcast, for same-typed operands taken by value: the result goes into the buffer of
+/// an operand that already has the output's shape and no other owner, else into a new tensor.
+pub(crate) fn map2_owned<T: Elem>(a: Tensor, b: Tensor, f: impl Fn(T, T) -> T + Sync) -> Result<Tensor> {
+    let (shape, plan) = Plan::new([a.shape(), b.shape()])?;
+    let [sa, sb] = plan.inner_strides();
+    // The reused operand has the output's shape, so its offsets are the output positions.
+    if a.shape() == &shape[..] && a.is_unique() {
+        let mut a = a;
+        let bv = b.view::<T>()?;
+        plan.run(a.view_mut::<T>()?, |o, [_, ib]| row_over(o, &bv[ib..], sb, &f));
+        return Ok(a);
+    }
+    if b.shape() == &shape[..] && b.is_unique() {
+        let mut b = b;
+        let av = a.view::<T>()?;
+        plan.run(b.view_mut::<T>()?, |o, [ia, _]| row_over(o, &av[ia..], sa, &|y, x| f(x, y)));
+        return Ok(b);
+    }
+    map2::<T, T, T>(&a, &b, a.dtype(), f)
 }
 
 /// Broadcast `f` over three element slices into `out` (sized to the broadcast shape).
@@ -310,13 +381,13 @@ pub(crate) fn same_dtype_pair<'t>(
     Ok((a, b))
 }
 
-/// A same-dtype numeric binary kernel from an `Arith` method.
+/// A same-dtype numeric binary kernel from an `Arith` method (owned inputs: may work in place).
 macro_rules! arith_kernel {
     ($name:ident, $method:ident) => {
-        fn $name(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-            let (a, b) = same_dtype_pair(ctx, inputs)?;
-            let dt = a.dtype();
-            let out = crate::with_numeric!(dt, T, { map2::<T, T, T>(a, b, dt, |x, y| x.$method(y))? });
+        fn $name(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+            same_dtype_pair(ctx, &inputs)?;
+            let (a, b) = (take_input(&mut inputs, 0)?, take_input(&mut inputs, 1)?);
+            let out = crate::with_numeric!(a.dtype(), T, { map2_owned::<T>(a, b, |x, y| x.$method(y))? });
             Ok(vec![out])
         }
     };
@@ -401,9 +472,11 @@ fn float_pow<T: Arith>(a: &Tensor, e: &Tensor) -> Result<Tensor> {
         };
         if let Some(g) = special {
             // Squares and square roots of f32/f16 values are exactly rounded through f64.
-            let mut out = Tensor::zeros(dt, &shape);
-            par_map(a.view::<T>()?, out.view_mut::<T>()?, |x| T::from_f64(g(x.to_f64())));
-            return Ok(out);
+            let av = a.view::<T>()?;
+            return Tensor::filled_by::<T>(dt, &shape, |out| {
+                par_map(av, out, |x| T::from_f64(g(x.to_f64())));
+                Ok(())
+            });
         }
     }
     if dt == DType::F32 {
@@ -414,17 +487,7 @@ fn float_pow<T: Arith>(a: &Tensor, e: &Tensor) -> Result<Tensor> {
 
 /// `out[i] = f(inp[i])`, split across threads when large.
 pub(crate) fn par_map<A: Copy + Sync, O: Send>(inp: &[A], out: &mut [O], f: impl Fn(A) -> O + Sync) {
-    if out.len() >= 2 * PAR_CHUNK {
-        out.par_chunks_mut(PAR_CHUNK).zip(inp.par_chunks(PAR_CHUNK)).for_each(|(o, i)| {
-            for (o, &x) in o.iter_mut().zip(i) {
-                *o = f(x);
-            }
-        });
-    } else {
-        for (o, &x) in out.iter_mut().zip(inp) {
-            *o = f(x);
-        }
-    }
+    super::unary::transform(out, |s, o| o.iter_mut().zip(&inp[s..]).for_each(|(o, &x)| *o = f(x)));
 }
 
 fn prelu(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
@@ -575,10 +638,10 @@ fn where_(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 }
 
 pub fn register(r: &mut Registry) {
-    r.add("Add", add);
-    r.add("Sub", sub);
-    r.add("Mul", mul);
-    r.add("Div", div);
+    r.add("Add", borrowed!(add));
+    r.add("Sub", borrowed!(sub));
+    r.add("Mul", borrowed!(mul));
+    r.add("Div", borrowed!(div));
     r.add("Pow", pow);
     r.add("Mod", modulo);
     r.add("PRelu", prelu);
@@ -624,6 +687,24 @@ pub(crate) mod testing {
 
     pub(crate) fn t<T: kiln_runtime::Elem>(shape: &[usize], v: Vec<T>) -> Option<Tensor> {
         Some(Tensor::from_vec(shape, v).unwrap())
+    }
+
+    /// Deterministic pseudo-random f32 values in [-scale, scale).
+    pub(crate) fn rand_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// Run the owned-input form of `op` (what the interpreter calls when inputs are dead).
+    pub(crate) fn run_owned(op: &str, opset: i64, attrs: Vec<Attr>, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+        let step = Step { op: op.into(), opset, outputs: vec![0], attrs, ..Default::default() };
+        let k = super::owned_kernel("", op).expect("an owned kernel");
+        k(&OpCtx::new(&step, None), inputs)
     }
 }
 
@@ -747,5 +828,81 @@ mod tests {
         let s = |v: &[&str]| Some(Tensor::from_strings(&[v.len()], v.iter().map(|s| s.to_string()).collect()).unwrap());
         let out = run("Where", 16, vec![], vec![c, s(&["a", "b"]), s(&["z"])]).unwrap();
         assert_eq!(out.strings().unwrap(), &["a", "b", "z", "z"]);
+    }
+
+    /// Reference broadcast of f32 `f` by explicit index arithmetic.
+    fn naive2(sa: &[usize], a: &[f32], sb: &[usize], b: &[f32], f: impl Fn(f32, f32) -> f32) -> (Vec<usize>, Vec<f32>) {
+        let shape = broadcast_shapes(&[sa, sb]).unwrap();
+        let (ta, tb) = (broadcast_strides(sa, &shape), broadcast_strides(sb, &shape));
+        let n: usize = shape.iter().product();
+        let out = (0..n)
+            .map(|i| {
+                let (mut rem, mut ia, mut ib) = (i, 0, 0);
+                for d in (0..shape.len()).rev() {
+                    let k = rem % shape[d];
+                    rem /= shape[d];
+                    ia += k * ta[d];
+                    ib += k * tb[d];
+                }
+                f(a[ia], b[ib])
+            })
+            .collect();
+        (shape, out)
+    }
+
+    #[test]
+    fn owned_binary_in_place_matches_naive() {
+        // Same shape, scalar either side, trailing row, per-channel NCHW, middle broadcast, both
+        // broadcast (no operand has the output shape), empty, and the parallel size.
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[3, 5], &[3, 5]),
+            (&[2, 3, 4], &[]),
+            (&[], &[2, 3, 4]),
+            (&[4, 7], &[7]),
+            (&[7], &[4, 7]),
+            (&[2, 3, 5, 5], &[3, 1, 1]),
+            (&[2, 3, 5, 5], &[1, 3, 1, 1]),
+            (&[2, 1, 4], &[1, 3, 1]),
+            (&[0, 3], &[3]),
+            (&[3], &[0, 3]),
+            (&[2, 70000], &[2, 1]),
+        ];
+        type F = fn(f32, f32) -> f32;
+        let ops: [(&str, F); 4] = [("Add", |x, y| x + y), ("Sub", |x, y| x - y), ("Mul", |x, y| x * y), ("Div", |x, y| x / y)];
+        for (ci, &(sa, sb)) in cases.iter().enumerate() {
+            let na: usize = sa.iter().product();
+            let nb: usize = sb.iter().product();
+            let a = rand_f32(na, ci as u64, 3.0);
+            let b: Vec<f32> = rand_f32(nb, 100 + ci as u64, 3.0).into_iter().map(|v| v + 4.0).collect();
+            for (op, f) in ops {
+                let (shape, want) = naive2(sa, &a, sb, &b, f);
+                for keep in [false, true] {
+                    let (ta, tb) = (t(sa, a.clone()).unwrap(), t(sb, b.clone()).unwrap());
+                    // With `keep`, the caller still holds the operands: they must not change.
+                    let held = keep.then(|| (ta.clone(), tb.clone()));
+                    let out = run_owned(op, 14, vec![], vec![Some(ta), Some(tb)]).unwrap().remove(0);
+                    assert_eq!(out.shape(), &shape[..], "{op} {sa:?} {sb:?}");
+                    assert_eq!(out.view::<f32>().unwrap(), &want[..], "{op} {sa:?} {sb:?} keep={keep}");
+                    if let Some((ha, hb)) = held {
+                        assert_eq!(ha.view::<f32>().unwrap(), &a[..]);
+                        assert_eq!(hb.view::<f32>().unwrap(), &b[..]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn owned_binary_same_buffer_twice() {
+        // Add(x, x): both operands share one buffer, so neither is unique and x must survive.
+        let x = t(&[5], vec![1.0f32, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        let out = run_owned("Mul", 14, vec![], vec![Some(x.clone()), Some(x.clone())]).unwrap().remove(0);
+        assert_eq!(out.view::<f32>().unwrap(), &[1.0, 4.0, 9.0, 16.0, 25.0]);
+        assert_eq!(x.view::<f32>().unwrap(), &[1.0, 2.0, 3.0, 4.0, 5.0]);
+        // Integer in place keeps the wrapping semantics.
+        let out = run_owned("Add", 14, vec![], vec![t(&[2], vec![i8::MAX, 1]), t(&[], vec![1i8])]).unwrap();
+        assert_eq!(out[0].view::<i8>().unwrap(), &[i8::MIN, 2]);
+        assert!(run_owned("Add", 14, vec![], vec![t(&[2], vec![1i8, 1]), t(&[2], vec![1i16, 1])]).is_err());
+        assert!(run_owned("Add", 14, vec![], vec![t(&[2], vec![1f32, 1.]), t(&[3], vec![1f32, 1., 1.])]).is_err());
     }
 }

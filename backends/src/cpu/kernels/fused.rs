@@ -64,12 +64,24 @@ fn f32_input<'a>(ctx: &OpCtx, inputs: &'a [Option<Tensor>], i: usize) -> Result<
 
 fn fused_matmul(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let a = f32_input(ctx, inputs, 0)?;
-    let w = f32_input(ctx, inputs, 1)?;
     let act = act_from_ctx(ctx)?;
-    if a.rank() < 1 || w.rank() != 2 || a.shape()[a.rank() - 1] != w.shape()[0] {
-        return Err(Error::Shape(format!("FusedMatMul: A {:?} · W {:?}", a.shape(), w.shape())));
+    let packed = ctx.attr_i("packed_b", 0) != 0;
+    // W is [K, N] f32, or (after the prepack pass) PackedB bytes with `b_shape` = [K, N].
+    let (k, n) = if packed {
+        match ctx.attr_ints("b_shape").as_deref() {
+            Some(&[k, n]) if k >= 0 && n >= 0 => (k as usize, n as usize),
+            _ => return Err(Error::Other(format!("{}: packed_b without a valid b_shape", ctx.op()))),
+        }
+    } else {
+        let w = f32_input(ctx, inputs, 1)?;
+        if w.rank() != 2 {
+            return Err(Error::Shape(format!("FusedMatMul: W {:?} is not 2-D", w.shape())));
+        }
+        (w.shape()[0], w.shape()[1])
+    };
+    if a.rank() < 1 || a.shape()[a.rank() - 1] != k {
+        return Err(Error::Shape(format!("FusedMatMul: A {:?} · W [{k}, {n}]", a.shape())));
     }
-    let (k, n) = (w.shape()[0], w.shape()[1]);
     let m = a.len() / k.max(1);
     let mut out_shape = a.shape().to_vec();
     *out_shape.last_mut().unwrap() = n;
@@ -81,13 +93,41 @@ fn fused_matmul(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     // Bias and activation run in the GEMM's epilogue, on each tile while it is in cache.
     let mut c = vec![0f32; m * n];
     let a = MatRef::rows(a.view::<f32>()?, k);
-    let w = MatRef::rows(w.view::<f32>()?, n);
-    gemm::sgemm(m, n, k, a, gemm::BRef::Mat(w), &mut c, n, false, &Epilogue::new(bias, act), true)?;
+    let epi = Epilogue::new(bias, act);
+    if packed {
+        let bytes = packed_weight_bytes(ctx, inputs)?;
+        // Zero-copy over the artifact constant when aligned; a copy otherwise.
+        let copied;
+        let view = match gemm::PackedView::from_bytes(bytes)? {
+            Some(v) => v,
+            None => {
+                copied = gemm::PackedB::from_bytes(bytes)?;
+                copied.view()
+            }
+        };
+        gemm::sgemm(m, n, k, a, gemm::BRef::PackedView(view), &mut c, n, false, &epi, true)?;
+    } else {
+        let w = MatRef::rows(ctx.input(inputs, 1)?.view::<f32>()?, n);
+        gemm::sgemm(m, n, k, a, gemm::BRef::Mat(w), &mut c, n, false, &epi, true)?;
+    }
     Ok(vec![Tensor::from_vec(&out_shape, c)?])
+}
+
+/// The bytes of a prepacked FusedMatMul weight (a U8 tensor).
+fn packed_weight_bytes<'a>(ctx: &OpCtx, inputs: &'a [Option<Tensor>]) -> Result<&'a [u8]> {
+    let w = ctx.input(inputs, 1)?;
+    if w.dtype() != DType::U8 {
+        return Err(Error::DType(format!("{}: packed weight is {}, expected u8", ctx.op(), w.dtype())));
+    }
+    w.view::<u8>()
 }
 
 fn fused_conv(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let act = act_from_ctx(ctx)?;
+    if ctx.input(inputs, 0)?.dtype() == DType::F32 {
+        // Bias and activation run inside the f32 conv kernels, on each tile while it is in cache.
+        return super::conv::conv_act(ctx, inputs, act);
+    }
     let mut y = super::conv::conv(ctx, inputs)?.swap_remove(0);
     if act != Act::None {
         if y.dtype() != DType::F32 {

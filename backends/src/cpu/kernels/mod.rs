@@ -2,17 +2,20 @@
 
 use super::registry::Registry;
 
+pub mod attention;
 pub mod cast;
 pub mod conv;
 pub mod elementwise;
 pub mod fused;
 pub mod index;
+pub mod int4;
 pub mod logic;
 pub mod matmul;
 pub mod misc;
 pub mod ml;
 pub mod norm;
 pub mod pool;
+pub mod qlinear;
 pub mod quant;
 pub mod reduce;
 pub mod resize;
@@ -26,17 +29,20 @@ pub mod text;
 pub mod unary;
 
 pub fn register_all(r: &mut Registry) {
+    attention::register(r);
     cast::register(r);
     conv::register(r);
     elementwise::register(r);
     fused::register(r);
     index::register(r);
+    int4::register(r);
     logic::register(r);
     matmul::register(r);
     misc::register(r);
     ml::register(r);
     norm::register(r);
     pool::register(r);
+    qlinear::register(r);
     quant::register(r);
     reduce::register(r);
     resize::register(r);

@@ -8,6 +8,8 @@
 use kiln_runtime::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
+use super::elementwise::{borrowed, OwnedKernel};
+use super::unary::{take_input, with_isa};
 use crate::cpu::ctx::OpCtx;
 use crate::cpu::registry::Registry;
 use crate::cpu::util::{norm_axis, real_tensor, real_vec, strides, Real};
@@ -16,12 +18,17 @@ use crate::with_real;
 pub fn register(r: &mut Registry) {
     r.add("BatchNormalization", batch_norm);
     r.add("InstanceNormalization", instance_norm);
-    r.add("LayerNormalization", layer_norm);
+    r.add("LayerNormalization", borrowed!(layer_norm));
     r.add("GroupNormalization", group_norm);
     r.add("RMSNormalization", rms_norm);
     r.add("LpNormalization", lp_norm);
     r.add("LRN", lrn);
     r.add("MeanVarianceNormalization", mvn);
+}
+
+/// The owned-input kernels of this file.
+pub(crate) fn owned(op: &str) -> Option<OwnedKernel> {
+    (op == "LayerNormalization").then_some(layer_norm as OwnedKernel)
 }
 
 /// Elements per parallel task.
@@ -256,7 +263,11 @@ impl<R: Real> RowParam<R> {
     }
 }
 
-fn layer_norm(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+fn layer_norm(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    if let Some(out) = layer_norm_f32(ctx, &mut inputs)? {
+        return Ok(out);
+    }
+    let inputs = &inputs[..];
     let x = ctx.input(inputs, 0)?;
     let rank = x.rank();
     let axis = norm_axis(ctx.attr_i("axis", -1), rank)?;
@@ -307,6 +318,113 @@ fn layer_norm(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         }
         Ok(out)
     })
+}
+
+/// The f32 LayerNormalization of rows with one scale (and bias) vector shared by all rows, the
+/// form transformer models use; None (inputs untouched) for every other case. Writes into X's
+/// buffer when X is handed over unshared.
+fn layer_norm_f32(ctx: &OpCtx, inputs: &mut [Option<Tensor>]) -> Result<Option<Vec<Tensor>>> {
+    let x = ctx.input(inputs, 0)?;
+    let rank = x.rank();
+    let axis = norm_axis(ctx.attr_i("axis", -1), rank)?;
+    let inner: usize = x.shape()[axis..].iter().product();
+    let shared = |t: Option<&Tensor>| {
+        t.is_none_or(|t| t.dtype() == DType::F32 && t.len() == inner && t.rank() <= rank - axis)
+    };
+    let stash_f64 = ctx.attr_i("stash_type", 1) == 11;
+    if x.dtype() != DType::F32
+        || inner == 0
+        || stash_f64
+        || !shared(Some(ctx.input(inputs, 1)?))
+        || !shared(ctx.opt_input(inputs, 2))
+    {
+        return Ok(None);
+    }
+    // The parameter's dims must equal X's trailing dims exactly, so its data is one row in order.
+    let fits = |t: &Tensor| {
+        let off = rank - t.rank();
+        t.shape().iter().enumerate().all(|(i, &d)| d == x.shape()[off + i])
+    };
+    if !fits(ctx.input(inputs, 1)?) || !ctx.opt_input(inputs, 2).is_none_or(fits) {
+        return Ok(None);
+    }
+    let eps = ctx.attr_f("epsilon", 1e-5);
+    let outer = x.len() / inner;
+    let stat_shape: Vec<usize> = x.shape().iter().enumerate().map(|(i, &d)| if i < axis { d } else { 1 }).collect();
+    let mut x = take_input(inputs, 0)?;
+    let scale = ctx.input(inputs, 1)?.view::<f32>()?;
+    let bias = ctx.opt_input(inputs, 2).map(|b| b.view::<f32>()).transpose()?;
+    let mut mean = vec![0f32; outer];
+    let mut inv = vec![0f32; outer];
+    let rows = |y: &mut [f32], mean: &mut [f32], inv: &mut [f32]| {
+        let rpt = rows_per_task(inner);
+        let work = |(chunk, (ms, is)): (&mut [f32], (&mut [f32], &mut [f32]))| {
+            with_isa(|| {
+                for ((row, m), i) in chunk.chunks_mut(inner).zip(ms).zip(is) {
+                    (*m, *i) = ln_row_f32(row, scale, bias, eps);
+                }
+            })
+        };
+        if y.len() >= 2 * GRAIN {
+            y.par_chunks_mut(inner * rpt)
+                .zip(mean.par_chunks_mut(rpt).zip(inv.par_chunks_mut(rpt)))
+                .for_each(work);
+        } else {
+            work((y, (mean, inv)));
+        }
+    };
+    let y = if x.is_unique() {
+        rows(x.view_mut::<f32>()?, &mut mean, &mut inv);
+        x
+    } else {
+        let src = x.view::<f32>()?;
+        Tensor::filled_by::<f32>(DType::F32, x.shape(), |y| {
+            y.copy_from_slice(src);
+            rows(y, &mut mean, &mut inv);
+            Ok(())
+        })?
+    };
+    let mut out = vec![y];
+    if ctx.num_outputs() > 1 {
+        out.push(Tensor::from_vec(&stat_shape, mean)?);
+        out.push(Tensor::from_vec(&stat_shape, inv)?);
+    }
+    Ok(Some(out))
+}
+
+/// Partial sums kept per lane so the reductions vectorise (16 = one 512-bit vector).
+const LANES: usize = 16;
+
+/// Σ f(v) with lane-parallel partial sums.
+#[inline(always)]
+fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += f(c[k]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Normalise one row in place (two-pass mean and variance); returns (mean, 1/σ).
+#[inline(always)]
+fn ln_row_f32(row: &mut [f32], scale: &[f32], bias: Option<&[f32]>, eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let m = lane_sum(row, |x| x) / n;
+    let var = lane_sum(row, |x| (x - m) * (x - m)) / n;
+    let iv = 1.0 / (var + eps).sqrt();
+    match bias {
+        Some(b) => {
+            for ((x, &s), &b) in row.iter_mut().zip(scale).zip(b) {
+                *x = (*x - m) * iv * s + b;
+            }
+        }
+        None => row.iter_mut().zip(scale).for_each(|(x, &s)| *x = (*x - m) * iv * s),
+    }
+    (m, iv)
 }
 
 fn rms_norm(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
@@ -503,5 +621,66 @@ mod tests {
         close(y[0].view::<f32>().unwrap(), &[1. / d(5.), 2. / d(5.)]);
         let y = run("LpNormalization", 13, vec![], vec![t(&[3., 4., 0., 0.], &[2, 2])], 1);
         close(y[0].view::<f32>().unwrap(), &[0.6, 0.8, 0., 0.]);
+    }
+
+    /// LayerNormalization over the last `inner` elements in f64.
+    fn ln_ref(x: &[f32], inner: usize, scale: &[f32], bias: Option<&[f32]>, eps: f64) -> Vec<f64> {
+        x.chunks(inner)
+            .flat_map(|r| {
+                let n = inner as f64;
+                let m = r.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = r.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n;
+                let iv = 1.0 / (var + eps).sqrt();
+                r.iter()
+                    .enumerate()
+                    .map(|(i, &v)| (v as f64 - m) * iv * scale[i] as f64 + bias.map_or(0.0, |b| b[i] as f64))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layernorm_f32_rows_match_reference() {
+        use crate::cpu::kernels::elementwise::testing::rand_f32;
+        // (x shape, axis, scale shape, with bias): fast path cases and ones that fall back.
+        let cases: &[(&[usize], i64, &[usize], bool)] = &[
+            (&[2, 3, 8], -1, &[8], true),
+            (&[2, 3, 8], -1, &[8], false),
+            (&[4, 37], 1, &[37], true),
+            (&[2, 3, 8], 1, &[3, 8], true),
+            (&[2, 3, 8], 1, &[8], true),
+            (&[2, 3, 8], -1, &[1, 8], true),
+            (&[64, 384], -1, &[384], true),
+            (&[0, 8], -1, &[8], true),
+        ];
+        for (ci, &(shape, axis, ss, with_bias)) in cases.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let ax = if axis < 0 { shape.len() as i64 + axis } else { axis } as usize;
+            let inner: usize = shape[ax..].iter().product();
+            let x: Vec<f32> = rand_f32(n, ci as u64, 4.0).iter().enumerate().map(|(i, v)| v + (i % 3) as f32).collect();
+            let sn: usize = ss.iter().product();
+            let scale = rand_f32(sn, 50 + ci as u64, 2.0);
+            let bias = rand_f32(sn, 90 + ci as u64, 1.0);
+            // Expand a per-row-vector parameter (the [8]-under-[3,8] case) to the whole row.
+            let full = |p: &[f32]| -> Vec<f32> { (0..inner).map(|i| p[i % p.len()]).collect() };
+            let want = ln_ref(&x, inner, &full(&scale), with_bias.then(|| full(&bias)).as_deref(), 1e-5);
+            for keep in [false, true] {
+                let xt = Tensor::from_vec(shape, x.clone()).unwrap();
+                let held = keep.then(|| xt.clone());
+                let attrs = vec![Attr { name: "axis".into(), kind: AttrKind::Int as i32, i: axis, ..Default::default() }];
+                let ins = vec![Some(xt), t(&scale, ss), if with_bias { t(&bias, ss) } else { None }];
+                let step = Step { op: "LayerNormalization".into(), opset: 17, outputs: vec![0, 1, 2], attrs, ..Default::default() };
+                let k = crate::cpu::kernels::elementwise::owned_kernel("", "LayerNormalization").unwrap();
+                let y = k(&OpCtx::new(&step, None), ins).unwrap();
+                assert_eq!(y[0].shape(), shape);
+                for (g, w) in y[0].view::<f32>().unwrap().iter().zip(&want) {
+                    assert!((*g as f64 - w).abs() < 1e-5 + 1e-5 * w.abs(), "case {ci}: {g} vs {w}");
+                }
+                assert_eq!(y[1].len(), n / inner.max(1));
+                if let Some(h) = held {
+                    assert_eq!(h.view::<f32>().unwrap(), &x[..]);
+                }
+            }
+        }
     }
 }

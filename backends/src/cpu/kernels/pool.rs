@@ -9,6 +9,7 @@ use kiln_runtime::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::ctx::OpCtx;
+use crate::cpu::isa::{self, Isa};
 use crate::cpu::registry::Registry;
 use crate::cpu::util::{real_tensor, real_vec, Real};
 use crate::with_real;
@@ -208,9 +209,12 @@ fn setup(ctx: &OpCtx, x: &Tensor, allow_ceil: bool) -> Result<(Pool3, Vec<usize>
 
 fn max_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let x = ctx.input(inputs, 0)?;
-    let (p, shape, _) = setup(ctx, x, ctx.opset() >= 10)?;
+    let (p, shape, dims) = setup(ctx, x, ctx.opset() >= 10)?;
     let col_major = ctx.attr_i("storage_order", 0) != 0;
     let want_idx = ctx.output_wanted(1);
+    if x.dtype() == DType::F32 && !want_idx && dims.len() <= 2 {
+        return Ok(vec![pool_f32(&p, &dims, &shape, x.view::<f32>()?, PoolKind::Max)?]);
+    }
     let (y, idx) = match x.dtype() {
         DType::I8 => {
             let (y, i) = max_planes(&p, x.view::<i8>()?, want_idx);
@@ -294,8 +298,11 @@ fn index_in_storage(p: &Pool3, flat: usize, col_major: bool) -> i64 {
 
 fn average_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let x = ctx.input(inputs, 0)?;
-    let (p, shape, _) = setup(ctx, x, true)?;
+    let (p, shape, dims) = setup(ctx, x, true)?;
     let include_pad = ctx.attr_i("count_include_pad", 0) != 0;
+    if x.dtype() == DType::F32 && dims.len() <= 2 {
+        return Ok(vec![pool_f32(&p, &dims, &shape, x.view::<f32>()?, PoolKind::Avg { include_pad })?]);
+    }
     let y = with_real!(x.dtype(), R, {
         let xv = real_vec::<R>(x)?;
         let y = reduce_planes(&p, &xv, |win, cnt| {
@@ -376,6 +383,9 @@ fn global<R: Real>(x: &Tensor, f: impl Fn(&[R]) -> R + Sync) -> Result<Tensor> {
 
 fn global_average_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let x = ctx.input(inputs, 0)?;
+    if x.dtype() == DType::F32 {
+        return Ok(vec![global_average_pool_f32(x)?]);
+    }
     let y = with_real!(x.dtype(), R, {
         global::<R>(x, |v| v.iter().copied().sum::<R>() / R::from_usize(v.len().max(1)))?
     });
@@ -395,6 +405,215 @@ fn global_lp_pool(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>>
     let p = ctx.attr_i("p", 2) as f64;
     let y = with_real!(x.dtype(), R, { global::<R>(x, |v| lp_of::<R>(&mut v.iter().copied(), p))? });
     Ok(vec![y])
+}
+
+// ---------------------------------------------------------------------------------------------
+// f32 fast paths: MaxPool / AveragePool over 1-D and 2-D planes, GlobalAveragePool
+// ---------------------------------------------------------------------------------------------
+
+/// Elements below which a pooling op stays on the calling thread.
+const PAR_MIN_ELEMS: usize = 1 << 16;
+
+#[derive(Clone, Copy, PartialEq)]
+enum PoolKind {
+    Max,
+    Avg { include_pad: bool },
+}
+
+/// The interior output columns of a dim: those whose every tap lies inside the input.
+fn interior(g: &DimGeom) -> (usize, usize) {
+    let span = (g.kernel - 1) * g.dilation;
+    if g.input + g.pad_begin < span + 1 {
+        return (0, 0);
+    }
+    let lo = g.pad_begin.div_ceil(g.stride);
+    let hi = ((g.input - 1 + g.pad_begin - span) / g.stride + 1).min(g.output);
+    (lo.min(hi), hi)
+}
+
+/// MaxPool (values only) or AveragePool on f32 with at most two spatial dims: per output row,
+/// the columns whose windows lie inside the input combine whole tap rows at a time (vectorized),
+/// the few border columns go through the tap tables. Same tap order and arithmetic as the
+/// generic path, so results are identical.
+fn pool_f32(p: &Pool3, dims: &[DimGeom], shape: &[usize], x: &[f32], kind: PoolKind) -> Result<Tensor> {
+    let unit = DimGeom { input: 1, output: 1, kernel: 1, stride: 1, dilation: 1, pad_begin: 0, pad_end: 0 };
+    let gw = dims.last().copied().unwrap_or(unit);
+    let (ip, op) = (p.in_plane(), p.out_plane());
+    if x.len() != p.planes * ip {
+        return Err(Error::Shape("pooling: input size does not match its shape".into()));
+    }
+    let isa = isa::active();
+    Tensor::filled_by::<f32>(DType::F32, shape, |y| {
+        if op == 0 {
+            return Ok(());
+        }
+        let plane = |(pi, yp): (usize, &mut [f32])| pool_plane(isa, p, &gw, &x[pi * ip..(pi + 1) * ip], yp, kind);
+        if rayon::current_num_threads() > 1 && y.len() >= PAR_MIN_ELEMS {
+            y.par_chunks_mut(op).enumerate().for_each(plane);
+        } else {
+            y.chunks_mut(op).enumerate().for_each(plane);
+        }
+        Ok(())
+    })
+}
+
+fn pool_plane(isa: Isa, p: &Pool3, gw: &DimGeom, x: &[f32], y: &mut [f32], kind: PoolKind) {
+    match isa {
+        // SAFETY: `isa` is the active ISA, which the CPU supports.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { pool_plane_avx512(p, gw, x, y, kind) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { pool_plane_avx2(p, gw, x, y, kind) },
+        _ => pool_plane_rows(p, gw, x, y, kind),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+unsafe fn pool_plane_avx512(p: &Pool3, gw: &DimGeom, x: &[f32], y: &mut [f32], kind: PoolKind) {
+    pool_plane_rows(p, gw, x, y, kind)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pool_plane_avx2(p: &Pool3, gw: &DimGeom, x: &[f32], y: &mut [f32], kind: PoolKind) {
+    pool_plane_rows(p, gw, x, y, kind)
+}
+
+#[inline(always)]
+fn pool_plane_rows(p: &Pool3, gw: &DimGeom, x: &[f32], y: &mut [f32], kind: PoolKind) {
+    let (iw, ow) = (p.input[2], p.output[2]);
+    let (lo, hi) = interior(gw);
+    let (th, tw) = (&p.taps[1], &p.taps[2]);
+    for (oh, out) in y.chunks_exact_mut(ow).enumerate() {
+        let rows = &th.taps[oh];
+        for j in (0..lo).chain(hi..ow) {
+            let cols = &tw.taps[j];
+            let win = rows.iter().flat_map(|&r| cols.iter().map(move |&c| x[r * iw + c]));
+            out[j] = match kind {
+                PoolKind::Max => win.fold(None, |b: Option<f32>, v| if b.is_none_or(|b| v > b) { Some(v) } else { b }).unwrap_or(0.0),
+                PoolKind::Avg { include_pad } => {
+                    let (s, n) = win.fold((0f32, 0usize), |(s, n), v| (s + v, n + 1));
+                    let div = if include_pad { th.padded_count[oh] * tw.padded_count[j] } else { n };
+                    if div == 0 { 0.0 } else { s / div as f32 }
+                }
+            };
+        }
+        if lo >= hi {
+            continue;
+        }
+        let seg = &mut out[lo..hi];
+        let Some(&r0) = rows.first() else {
+            seg.fill(0.0);
+            continue;
+        };
+        // Tap (r, k) of output column j reads x[r·iw + j·s + k·d − pad].
+        let (s, first) = (gw.stride, lo * gw.stride - gw.pad_begin);
+        let tap = |r: usize, k: usize| &x[r * iw + first + k * gw.dilation..];
+        seg.iter_mut().zip(tap(r0, 0).iter().step_by(s)).for_each(|(o, &v)| *o = v);
+        for (ri, &r) in rows.iter().enumerate() {
+            for k in usize::from(ri == 0)..gw.kernel {
+                let src = tap(r, k);
+                match kind {
+                    PoolKind::Max => combine(seg, src, s, |o, v| if v > o { v } else { o }),
+                    PoolKind::Avg { .. } => combine(seg, src, s, |o, v| o + v),
+                }
+            }
+        }
+        if let PoolKind::Avg { include_pad } = kind {
+            let div = (if include_pad { th.padded_count[oh] } else { rows.len() } * gw.kernel) as f32;
+            seg.iter_mut().for_each(|o| *o /= div);
+        }
+    }
+}
+
+/// `o = f(o, src[j·s])` over a row segment (contiguous reads for s = 1 so the loop vectorizes).
+#[inline(always)]
+fn combine(seg: &mut [f32], src: &[f32], s: usize, f: impl Fn(f32, f32) -> f32) {
+    if s == 1 {
+        seg.iter_mut().zip(src).for_each(|(o, &v)| *o = f(*o, v));
+    } else {
+        seg.iter_mut().zip(src.iter().step_by(s)).for_each(|(o, &v)| *o = f(*o, v));
+    }
+}
+
+/// Sum of an f32 slice in 32 running lanes (vectorized; also more accurate than one running sum).
+#[inline(always)]
+fn sum_lanes(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 32];
+    let chunks = v.chunks_exact(32);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(rest) {
+        *a += x;
+    }
+    // Pairwise over the lanes.
+    let mut n = 32;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            acc[i] += acc[i + n];
+        }
+    }
+    acc[0]
+}
+
+/// Means of consecutive `len`-element planes.
+#[inline(always)]
+fn plane_means(x: &[f32], len: usize, y: &mut [f32]) {
+    for (o, plane) in y.iter_mut().zip(x.chunks_exact(len)) {
+        *o = sum_lanes(plane) / len as f32;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+unsafe fn plane_means_avx512(x: &[f32], len: usize, y: &mut [f32]) {
+    plane_means(x, len, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn plane_means_avx2(x: &[f32], len: usize, y: &mut [f32]) {
+    plane_means(x, len, y)
+}
+
+fn plane_means_isa(isa: Isa, x: &[f32], len: usize, y: &mut [f32]) {
+    match isa {
+        // SAFETY: `isa` is the active ISA, which the CPU supports.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { plane_means_avx512(x, len, y) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { plane_means_avx2(x, len, y) },
+        _ => plane_means(x, len, y),
+    }
+}
+
+/// f32 GlobalAveragePool: one vectorized sum per plane, planes split across threads when large.
+fn global_average_pool_f32(x: &Tensor) -> Result<Tensor> {
+    let shape = global_shape(x)?;
+    let planes = shape[0] * shape[1];
+    let xv = x.view::<f32>()?;
+    let len = xv.len().checked_div(planes).unwrap_or(0);
+    let isa = isa::active();
+    Tensor::filled_by::<f32>(DType::F32, &shape, |y| {
+        if len == 0 {
+            // Empty spatial dims: 0, as the generic path computes it.
+            y.fill(0.0);
+            return Ok(());
+        }
+        if rayon::current_num_threads() > 1 && xv.len() >= 4 * PAR_MIN_ELEMS {
+            let per = (PAR_MIN_ELEMS / len).max(1);
+            y.par_chunks_mut(per).zip(xv.par_chunks(per * len)).for_each(|(yc, xc)| plane_means_isa(isa, xc, len, yc));
+        } else {
+            plane_means_isa(isa, xv, len, y);
+        }
+        Ok(())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -577,5 +796,153 @@ mod tests {
         let y = crate::cpu::eval_step(&step, &[Some(x), Some(rois)]).unwrap();
         assert_eq!(y[0].shape(), &[1, 1, 2, 2]);
         assert_eq!(y[0].view::<f32>().unwrap(), &[5., 7., 13., 15.]);
+    }
+
+    // ---- f32 fast paths against the generic path ----
+
+    use proptest::prelude::*;
+
+    fn attr_i(name: &str, v: i64) -> Attr {
+        Attr { name: name.into(), kind: AttrKind::Int as i32, i: v, ..Default::default() }
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                // Coarse values so MaxPool sees ties.
+                ((s >> 59) as f32 - 8.0) * 0.25 + ((s >> 30) & 1) as f32 * 0.01
+            })
+            .collect()
+    }
+
+    #[derive(Clone, Debug)]
+    struct PoolCase {
+        shape: Vec<usize>,
+        kernel: Vec<i64>,
+        strides: Vec<i64>,
+        dil: Vec<i64>,
+        pads: Vec<i64>,
+        ceil: bool,
+        include_pad: bool,
+        auto_pad: &'static str,
+    }
+
+    impl PoolCase {
+        fn attrs(&self, avg: bool) -> Vec<Attr> {
+            let mut a = vec![ints("kernel_shape", &self.kernel), ints("strides", &self.strides), attr_i("ceil_mode", self.ceil as i64)];
+            if self.auto_pad == "NOTSET" {
+                a.push(ints("pads", &self.pads));
+            } else {
+                a.push(Attr { name: "auto_pad".into(), kind: AttrKind::String as i32, s: self.auto_pad.into(), ..Default::default() });
+            }
+            if avg {
+                a.push(attr_i("count_include_pad", self.include_pad as i64));
+            }
+            // AveragePool takes dilations from opset 19.
+            a.push(ints("dilations", &self.dil));
+            a
+        }
+
+        fn check(&self, seed: u64) {
+            let n: usize = self.shape.iter().product();
+            let v = values(n, seed);
+            let x32 = Tensor::from_vec(&self.shape, v.clone()).unwrap();
+            let x64 = Tensor::from_vec(&self.shape, v.iter().map(|&x| x as f64).collect()).unwrap();
+            // MaxPool: the fast path (values only) equals the generic one (values + indices) exactly.
+            let fast = run("MaxPool", self.attrs(false), x32.clone(), 1);
+            let generic = run("MaxPool", self.attrs(false), x32.clone(), 2);
+            assert_eq!(fast[0].shape(), generic[0].shape(), "{self:?}");
+            assert_eq!(fast[0].view::<f32>().unwrap(), generic[0].view::<f32>().unwrap(), "{self:?}");
+            // AveragePool: the f32 fast path against the generic f64 path.
+            let fast = run("AveragePool", self.attrs(true), x32, 1);
+            let generic = run("AveragePool", self.attrs(true), x64, 1);
+            assert_eq!(fast[0].shape(), generic[0].shape(), "{self:?}");
+            for (&a, &b) in fast[0].view::<f32>().unwrap().iter().zip(generic[0].view::<f64>().unwrap()) {
+                assert!((a as f64 - b).abs() <= 1e-6 * (1.0 + b.abs()), "{self:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    fn pool_case(max_w: usize) -> impl Strategy<Value = PoolCase> {
+        (1usize..=2, 1usize..=3, any::<bool>(), any::<bool>(), 0usize..4)
+            .prop_flat_map(move |(nd, c, ceil, include_pad, ap)| {
+                let dims = prop::collection::vec((1usize..=max_w, 1i64..=4, 1i64..=3, 1i64..=2, 0i64..=3, 0i64..=3), nd);
+                (Just((c, ceil, include_pad, ap)), dims)
+            })
+            .prop_map(|((c, ceil, include_pad, ap), dims)| {
+                let nd = dims.len();
+                let mut shape = vec![1, c];
+                shape.extend(dims.iter().map(|d| d.0));
+                let mut pads = vec![0; 2 * nd];
+                for (i, d) in dims.iter().enumerate() {
+                    // Pads smaller than the kernel, as the spec requires.
+                    pads[i] = d.4.min(d.1 - 1);
+                    pads[i + nd] = d.5.min(d.1 - 1);
+                }
+                PoolCase {
+                    shape,
+                    kernel: dims.iter().map(|d| d.1).collect(),
+                    strides: dims.iter().map(|d| d.2).collect(),
+                    dil: dims.iter().map(|d| d.3).collect(),
+                    pads,
+                    ceil,
+                    include_pad,
+                    auto_pad: ["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER"][ap],
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn f32_pools_match_generic(c in pool_case(9), seed in any::<u64>()) {
+            c.check(seed);
+        }
+
+        #[test]
+        fn f32_pools_wide_rows_match_generic(c in pool_case(45), seed in any::<u64>()) {
+            c.check(seed);
+        }
+
+        #[test]
+        fn global_average_pool_f32_matches_f64(n in 1usize..3, c in 1usize..5, h in 0usize..40, w in 1usize..40, seed in any::<u64>()) {
+            let v = values(n * c * h * w, seed);
+            let x32 = Tensor::from_vec(&[n, c, h, w], v.clone()).unwrap();
+            let x64 = Tensor::from_vec(&[n, c, h, w], v.iter().map(|&x| x as f64).collect()).unwrap();
+            let a = run("GlobalAveragePool", vec![], x32, 1);
+            let b = run("GlobalAveragePool", vec![], x64, 1);
+            prop_assert_eq!(a[0].shape(), &[n, c, 1, 1]);
+            for (&a, &b) in a[0].view::<f32>().unwrap().iter().zip(b[0].view::<f64>().unwrap()) {
+                prop_assert!((a as f64 - b).abs() <= 1e-6 * (1.0 + b.abs()), "{} vs {}", a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn large_pools_in_parallel() {
+        // Enough elements for the parallel split; PP-OCR's shapes (2x2 s2 max, 3x2 s3x2 average).
+        let c = |k: [i64; 2], s: [i64; 2], pads: [i64; 4], shape: [usize; 4]| PoolCase {
+            shape: shape.to_vec(),
+            kernel: k.to_vec(),
+            strides: s.to_vec(),
+            dil: vec![1, 1],
+            pads: pads.to_vec(),
+            ceil: false,
+            include_pad: false,
+            auto_pad: "NOTSET",
+        };
+        c([2, 2], [2, 2], [0; 4], [1, 8, 48, 192]).check(1);
+        c([3, 2], [3, 2], [0; 4], [1, 480, 3, 80]).check(2);
+        c([3, 3], [2, 2], [1, 1, 1, 1], [2, 16, 57, 61]).check(3);
+        let x = Tensor::from_vec(&[1, 64, 40, 40], values(64 * 1600, 4)).unwrap();
+        let y = run("GlobalAveragePool", vec![], x.clone(), 1);
+        let xv = x.view::<f32>().unwrap();
+        for (p, &m) in y[0].view::<f32>().unwrap().iter().enumerate() {
+            let want = xv[p * 1600..(p + 1) * 1600].iter().map(|&v| v as f64).sum::<f64>() / 1600.0;
+            assert!((m as f64 - want).abs() < 1e-6, "{m} vs {want}");
+        }
     }
 }

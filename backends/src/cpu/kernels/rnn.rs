@@ -1,16 +1,16 @@
 //! Recurrent layers: LSTM, GRU and RNN (every direction, optional input, activation and layout).
 //!
 //! Each direction runs in f32: the input projection of all timesteps is one matrix product done up
-//! front, then the recurrence adds H·Rᵀ per step. Weights are transposed once so every inner loop is
-//! a contiguous multiply-add over the gate row (which the compiler vectorises).
+//! front (bias in its epilogue), then every step adds H·Rᵀ. R is `[gates·hidden, hidden]`, so
+//! H·Rᵀ is a set of contiguous dot products: the GEMM's skinny path reads R in place (no transpose,
+//! no packing) when at most a few rows are stepped together; larger batches pack R once per call.
+//! Sigmoid and tanh gates use the GEMM epilogue's vectorized functions.
 
 use std::borrow::Cow;
 
 use kiln_runtime::{DType, Error, Result, Tensor};
-use rayon::prelude::*;
-
-use super::matmul::{sgemm, Mat};
 use crate::cpu::ctx::OpCtx;
+use crate::cpu::gemm::{self, BRef, Epilogue, MatRef, PackedB};
 use crate::cpu::registry::Registry;
 
 pub fn register(r: &mut Registry) {
@@ -113,13 +113,17 @@ impl Act {
             }
         }
         match self {
-            Act::Sigmoid => v.iter_mut().for_each(|x| *x = sigmoid(*x)),
-            Act::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
-            Act::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
-            Act::LeakyRelu(a) => v.iter_mut().for_each(|x| *x = if *x < 0.0 { a * *x } else { *x }),
+            Act::Sigmoid => gemm::act_in_place(v, gemm::Act::Sigmoid),
+            Act::Tanh => gemm::act_in_place(v, gemm::Act::Tanh),
+            Act::Relu => gemm::act_in_place(v, gemm::Act::Relu),
+            Act::LeakyRelu(a) => gemm::act_in_place(v, gemm::Act::LeakyRelu(a)),
             Act::ThresholdedRelu(a) => v.iter_mut().for_each(|x| *x = if *x > a { *x } else { 0.0 }),
-            Act::ScaledTanh(a, b) => v.iter_mut().for_each(|x| *x = a * (b * *x).tanh()),
-            Act::HardSigmoid(a, b) => v.iter_mut().for_each(|x| *x = (a * *x + b).clamp(0.0, 1.0)),
+            Act::ScaledTanh(a, b) => {
+                v.iter_mut().for_each(|x| *x *= b);
+                gemm::act_in_place(v, gemm::Act::Tanh);
+                v.iter_mut().for_each(|x| *x *= a);
+            }
+            Act::HardSigmoid(a, b) => gemm::act_in_place(v, gemm::Act::HardSigmoid(a, b)),
             Act::Elu(a) => v.iter_mut().for_each(|x| *x = if *x < 0.0 { a * (x.exp() - 1.0) } else { *x }),
             Act::Softsign => v.iter_mut().for_each(|x| *x /= 1.0 + x.abs()),
             Act::Softplus => v.iter_mut().for_each(|x| {
@@ -131,58 +135,38 @@ impl Act {
     }
 }
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Small dense helpers
 // ---------------------------------------------------------------------------------------------
 
-/// `m` (rows × cols, row-major) transposed.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; m.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = m[r * cols + c];
-        }
-    }
-    t
+/// Rows `r0..r1` of a recurrence weight R (`[gates·hidden, hidden]`), as the B operand of
+/// `gates += H·Rᵀ`: read in place by the skinny GEMM for a few rows of H, packed once otherwise.
+struct RecurW<'a> {
+    r: &'a [f32],
+    hs: usize,
+    n: usize,
+    packed: Option<PackedB>,
 }
 
-/// `c[i, :] += a[i, :] · bt` for every row i, with `a` (m × k) and `bt` (k × n): the product with a
-/// weight matrix stored transposed. Rows are independent, so large products split across threads.
-fn gemm_acc(a: &[f32], bt: &[f32], c: &mut [f32], k: usize, n: usize) {
-    let rows = |a_rows: &[f32], c_rows: &mut [f32]| {
-        for (ar, cr) in a_rows.chunks_exact(k).zip(c_rows.chunks_exact_mut(n)) {
-            for (kk, &av) in ar.iter().enumerate() {
-                if av == 0.0 {
-                    continue;
-                }
-                let br = &bt[kk * n..(kk + 1) * n];
-                for (cv, &bv) in cr.iter_mut().zip(br) {
-                    *cv += av * bv;
-                }
-            }
-        }
-    };
-    if k == 0 || n == 0 || a.is_empty() {
-        return;
+impl<'a> RecurW<'a> {
+    fn new(r: &'a [f32], hs: usize, r0: usize, r1: usize, rows_at_once: usize) -> Result<RecurW<'a>> {
+        let r = &r[r0 * hs..r1 * hs];
+        let n = r1 - r0;
+        let packed = if rows_at_once > gemm::SKINNY_M {
+            Some(PackedB::for_active(MatRef::cols(r, hs), hs, n)?)
+        } else {
+            None
+        };
+        Ok(RecurW { r, hs, n, packed })
     }
-    let m = a.len() / k;
-    let per = ((1 << 16) / (k * n).max(1)).max(1);
-    if m * k * n >= 1 << 18 && m > per {
-        a.par_chunks(per * k)
-            .zip(c.par_chunks_mut(per * n))
-            .for_each(|(ar, cr)| rows(ar, cr));
-    } else {
-        rows(a, c);
+
+    /// `out[i, ..n] += h[i, ..]·Rᵀ` for the `m` rows of `h` (out rows `ldo` apart).
+    fn acc(&self, m: usize, h: &[f32], out: &mut [f32], ldo: usize) -> Result<()> {
+        let b = match &self.packed {
+            Some(p) => BRef::Packed(p),
+            None => BRef::Mat(MatRef::cols(self.r, self.hs)),
+        };
+        gemm::sgemm(m, self.n, self.hs, MatRef::rows(h, self.hs), b, out, ldo, true, &Epilogue::NONE, false)
     }
 }
 
@@ -246,23 +230,28 @@ fn run_direction(cfg: &Cfg, x: &[f32], dw: &DirWeights, lens: &[usize], reverse:
     let g = cfg.cell.gates();
     let gh = g * hs;
     // Input projection of every timestep, with the biases that sit outside the recurrence.
-    let mut xp = vec![0.0f32; seq * batch * gh];
-    if let Some(b) = dw.b {
+    let bias: Option<Vec<f32>> = dw.b.map(|b| {
         let (wb, rb) = b.split_at(gh);
         let mut bias: Vec<f32> = wb.iter().zip(rb).map(|(a, b)| a + b).collect();
         if cfg.cell == Cell::Gru && cfg.linear_before_reset {
             // Rbh is applied inside r ⊙ (H·Rhᵀ + Rbh).
             bias[2 * hs..].copy_from_slice(&wb[2 * hs..]);
         }
-        for row in xp.chunks_exact_mut(gh) {
-            row.copy_from_slice(&bias);
-        }
-    }
-    // xp += X · Wᵀ for every timestep at once (W is [gates*hidden, input], read transposed).
-    sgemm(seq * batch, gh, cfg.input, Mat::rows(x, cfg.input), Mat::cols(dw.w, cfg.input), true, &mut xp, gh, true)?;
-    let rt = transpose(dw.r, gh, hs);
-    // GRU: the z/r columns of Rᵀ and the candidate's columns, split once.
-    let (rt_zr, rt_h) = if cfg.cell == Cell::Gru { split_cols(&rt, gh, 2 * hs) } else { (Vec::new(), Vec::new()) };
+        bias
+    });
+    // xp = X · Wᵀ + bias for every timestep at once (W is [gates*hidden, input], read transposed).
+    let mut xp = vec![0.0f32; seq * batch * gh];
+    let epi = Epilogue::new(bias.as_deref(), gemm::Act::None);
+    let (xm, wm) = (MatRef::rows(x, cfg.input), MatRef::cols(dw.w, cfg.input));
+    gemm::sgemm(seq * batch, gh, cfg.input, xm, BRef::Mat(wm), &mut xp, gh, false, &epi, true)?;
+
+    // All entries step together when their lengths agree (the usual case); otherwise one by one.
+    let together = lens.iter().all(|&l| l == lens[0]);
+    let rows_at_once = if together { batch } else { 1 };
+    // GRU: z/r see H·Rᵀ directly; the candidate's recurrent part (rows 2h..3h of R) depends on r.
+    let rec_rows = if cfg.cell == Cell::Gru { 2 * hs } else { gh };
+    let rw = RecurW::new(dw.r, hs, 0, rec_rows, rows_at_once)?;
+    let rw_h = if cfg.cell == Cell::Gru { Some(RecurW::new(dw.r, hs, 2 * hs, gh, 1)?) } else { None };
     let rbh: Option<&[f32]> = match (cfg.cell, cfg.linear_before_reset, dw.b) {
         (Cell::Gru, true, Some(b)) => Some(&b[gh + 2 * hs..2 * gh]),
         _ => None,
@@ -271,37 +260,42 @@ fn run_direction(cfg: &Cfg, x: &[f32], dw: &DirWeights, lens: &[usize], reverse:
     let mut h = dw.h0.clone().unwrap_or_else(|| vec![0.0; batch * hs]);
     let mut c = dw.c0.clone().unwrap_or_else(|| vec![0.0; batch * hs]);
     let mut y = vec![0.0f32; seq * batch * hs];
-    let mut gates = vec![0.0f32; gh];
+    let mut gates = vec![0.0f32; batch * gh];
     let mut tmp = vec![0.0f32; hs];
     let mut rh = vec![0.0f32; hs];
     let steps = lens.iter().copied().max().unwrap_or(0);
     for s in 0..steps {
-        for bi in 0..batch {
+        let mut bi = 0;
+        while bi < batch {
             let len = lens[bi];
+            let rows = if together { batch } else { 1 };
             if s >= len {
+                bi += rows;
                 continue;
             }
             let t = if reverse { len - 1 - s } else { s };
-            let hb = &mut h[bi * hs..(bi + 1) * hs];
-            let cb = &mut c[bi * hs..(bi + 1) * hs];
-            gates.copy_from_slice(&xp[(t * batch + bi) * gh..(t * batch + bi + 1) * gh]);
-            match cfg.cell {
-                Cell::Lstm => {
-                    gemm_acc(hb, &rt, &mut gates, hs, gh);
-                    lstm_cell(cfg, dw, &mut gates, hb, cb);
-                }
-                Cell::Rnn => {
-                    gemm_acc(hb, &rt, &mut gates, hs, gh);
-                    dw.acts[0].apply(&mut gates, cfg.clip);
-                    hb.copy_from_slice(&gates);
-                }
-                Cell::Gru => {
-                    // z and r see H·Rᵀ; the candidate's recurrent part depends on r.
-                    gemm_acc(hb, &rt_zr, &mut gates[..2 * hs], hs, 2 * hs);
-                    gru_cell(cfg, dw, &rt_h, rbh, &mut gates, hb, &mut tmp, &mut rh);
+            // Rows bi..bi+rows of this timestep are contiguous in xp, h, c and y.
+            let (r0, r1) = (t * batch + bi, t * batch + bi + rows);
+            let gates = &mut gates[..rows * gh];
+            gates.copy_from_slice(&xp[r0 * gh..r1 * gh]);
+            let hb = &mut h[bi * hs..(bi + rows) * hs];
+            rw.acc(rows, hb, gates, gh)?;
+            let cb = &mut c[bi * hs..(bi + rows) * hs];
+            for ((gr, hr), cr) in gates.chunks_exact_mut(gh).zip(hb.chunks_exact_mut(hs)).zip(cb.chunks_exact_mut(hs)) {
+                match cfg.cell {
+                    Cell::Lstm => lstm_cell(cfg, dw, gr, hr, cr),
+                    Cell::Rnn => {
+                        dw.acts[0].apply(gr, cfg.clip);
+                        hr.copy_from_slice(gr);
+                    }
+                    Cell::Gru => {
+                        let rw_h = rw_h.as_ref().expect("GRU has a candidate weight");
+                        gru_cell(cfg, dw, rw_h, rbh, gr, hr, &mut tmp, &mut rh)?;
+                    }
                 }
             }
-            y[(t * batch + bi) * hs..(t * batch + bi + 1) * hs].copy_from_slice(hb);
+            y[r0 * hs..r1 * hs].copy_from_slice(hb);
+            bi += rows;
         }
     }
     for (bi, &len) in lens.iter().enumerate() {
@@ -312,17 +306,6 @@ fn run_direction(cfg: &Cfg, x: &[f32], dw: &DirWeights, lens: &[usize], reverse:
         }
     }
     Ok(DirOut { y, h, c })
-}
-
-/// Split the rows (width `n`) of `m` into columns [0, at) and [at, n).
-fn split_cols(m: &[f32], n: usize, at: usize) -> (Vec<f32>, Vec<f32>) {
-    let rows = m.len() / n.max(1);
-    let (mut a, mut b) = (Vec::with_capacity(rows * at), Vec::with_capacity(rows * (n - at)));
-    for row in m.chunks_exact(n) {
-        a.extend_from_slice(&row[..at]);
-        b.extend_from_slice(&row[at..]);
-    }
-    (a, b)
 }
 
 fn lstm_cell(cfg: &Cfg, dw: &DirWeights, gates: &mut [f32], h: &mut [f32], c: &mut [f32]) {
@@ -369,13 +352,13 @@ fn lstm_cell(cfg: &Cfg, dw: &DirWeights, gates: &mut [f32], h: &mut [f32], c: &m
 fn gru_cell(
     cfg: &Cfg,
     dw: &DirWeights,
-    rt_h: &[f32],
+    rw_h: &RecurW,
     rbh: Option<&[f32]>,
     gates: &mut [f32],
     h: &mut [f32],
     tmp: &mut [f32],
     rh: &mut [f32],
-) {
+) -> Result<()> {
     let hs = cfg.hidden;
     let (f_act, g_act) = (dw.acts[0], dw.acts[1]);
     let (zr, gh_part) = gates.split_at_mut(2 * hs);
@@ -384,7 +367,7 @@ fn gru_cell(
     // rh = (r ⊙ H)·Rhᵀ (default) or r ⊙ (H·Rhᵀ + Rbh) (linear_before_reset).
     rh.fill(0.0);
     if cfg.linear_before_reset {
-        gemm_acc(h, rt_h, rh, hs, hs);
+        rw_h.acc(1, h, rh, hs)?;
         if let Some(b) = rbh {
             for (o, &bv) in rh.iter_mut().zip(b) {
                 *o += bv;
@@ -397,7 +380,7 @@ fn gru_cell(
         for k in 0..hs {
             tmp[k] = r[k] * h[k];
         }
-        gemm_acc(tmp, rt_h, rh, hs, hs);
+        rw_h.acc(1, tmp, rh, hs)?;
     }
     for k in 0..hs {
         gh_part[k] += rh[k];
@@ -406,6 +389,7 @@ fn gru_cell(
     for k in 0..hs {
         h[k] = (1.0 - z[k]) * gh_part[k] + z[k] * h[k];
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

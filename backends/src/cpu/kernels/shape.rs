@@ -58,6 +58,15 @@ pub(crate) trait Item: Clone + Default + Send + Sync + 'static {
         shape: &[usize],
         fill: impl FnOnce(&mut [Self]) -> Result<()>,
     ) -> Result<Tensor>;
+    /// Like `build` for a `fill` that writes every element: the elements start with unspecified
+    /// values (reused memory), which saves zeroing the output.
+    fn build_full(
+        dtype: DType,
+        shape: &[usize],
+        fill: impl FnOnce(&mut [Self]) -> Result<()>,
+    ) -> Result<Tensor> {
+        Self::build(dtype, shape, fill)
+    }
 }
 
 macro_rules! pod_item {
@@ -88,6 +97,23 @@ macro_rules! pod_item {
                 {
                     let bytes = buf.make_mut();
                     // SAFETY: fresh 64-byte aligned heap buffer of exactly n elements.
+                    let s = unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut $t, n) };
+                    fill(s)?;
+                }
+                Tensor::from_buffer(dtype, shape, buf)
+            }
+
+            fn build_full(
+                dtype: DType,
+                shape: &[usize],
+                fill: impl FnOnce(&mut [Self]) -> Result<()>,
+            ) -> Result<Tensor> {
+                let n = numel(shape);
+                let mut buf = Buffer::recycled(n * size_of::<$t>());
+                {
+                    let bytes = buf.make_mut();
+                    // SAFETY: fresh 64-byte aligned heap buffer of exactly n elements, initialised
+                    // (stale) bytes, and integers accept any bit pattern.
                     let s = unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut $t, n) };
                     fill(s)?;
                 }
@@ -345,7 +371,7 @@ fn transpose_tiles<T: Item>(
 pub(crate) fn view_copy(t: &Tensor, base: usize, shape: &[usize], st: &[isize]) -> Result<Tensor> {
     with_item!(t.dtype(), T, {
         let src = T::items(t)?;
-        T::build(t.dtype(), shape, |dst| {
+        T::build_full(t.dtype(), shape, |dst| {
             strided_copy(src, base, shape, st, dst);
             Ok(())
         })
@@ -798,7 +824,7 @@ pub(crate) fn concat_along(parts: &[&Tensor], axis: usize, out_shape: &[usize]) 
             .iter()
             .map(|p| Ok((T::items(p)?, p.shape()[axis..].iter().product::<usize>())))
             .collect::<Result<_>>()?;
-        T::build(dt, out_shape, |dst| {
+        T::build_full(dt, out_shape, |dst| {
             if row == 0 || outer == 0 {
                 return Ok(());
             }
@@ -999,7 +1025,7 @@ pub(crate) fn gather_maps(x: &Tensor, maps: &[Vec<isize>], fill: Option<&Tensor>
             Some(t) => first_item(t)?,
             None => T::default(),
         };
-        T::build(dt, &shape, |dst| {
+        T::build_full(dt, &shape, |dst| {
             gather_axes(src, x.shape(), maps, &f, dst);
             Ok(())
         })

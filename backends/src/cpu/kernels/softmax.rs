@@ -4,19 +4,31 @@
 //! from 13 on they normalise along the single `axis` (default -1). Both views are an
 //! (outer, dim, inner) split of the shape, so one kernel serves every opset. Max-subtraction keeps
 //! exp from overflowing.
+//!
+//! f32 Softmax over contiguous rows (the attention case) has its own vectorised path: one pass for
+//! the max, one for exp and its sum, one to scale, with the shared polynomial exp (no libm), run
+//! in the input's buffer when the interpreter hands over a dead input.
 
-use kiln_runtime::{Error, Result, Tensor};
+use kiln_runtime::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
+use super::elementwise::{borrowed, OwnedKernel};
+use super::unary::{take_input, with_isa};
 use crate::cpu::ctx::OpCtx;
+use crate::cpu::gemm;
 use crate::cpu::registry::Registry;
 use crate::cpu::util::{norm_axis, real_tensor, real_vec, Real};
 use crate::with_real;
 
 pub fn register(r: &mut Registry) {
-    r.add("Softmax", softmax);
+    r.add("Softmax", borrowed!(softmax));
     r.add("LogSoftmax", log_softmax);
     r.add("Hardmax", hardmax);
+}
+
+/// The owned-input kernels of this file.
+pub(crate) fn owned(op: &str) -> Option<OwnedKernel> {
+    (op == "Softmax").then_some(softmax as OwnedKernel)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -29,8 +41,80 @@ enum Kind {
 /// Elements per parallel task.
 const GRAIN: usize = 1 << 14;
 
-fn softmax(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    run(ctx, inputs, Kind::Soft)
+fn softmax(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = ctx.input(&inputs, 0)?;
+    let (outer, dim, inner) = split(ctx, x.shape())?;
+    if x.dtype() != DType::F32 || inner != 1 || dim == 0 {
+        return run(ctx, &inputs, Kind::Soft);
+    }
+    let mut x = take_input(&mut inputs, 0)?;
+    let rows = |y: &mut [f32]| rows_f32(y, dim);
+    if x.is_unique() {
+        rows(x.view_mut::<f32>()?);
+        return Ok(vec![x]);
+    }
+    let src = x.view::<f32>()?;
+    let y = Tensor::filled_by::<f32>(DType::F32, x.shape(), |y| {
+        y.copy_from_slice(src);
+        rows(y);
+        Ok(())
+    })?;
+    debug_assert_eq!(y.len(), outer * dim);
+    Ok(vec![y])
+}
+
+/// Softmax of every `dim`-long row of `y`, in place, rows split across the pool when many.
+fn rows_f32(y: &mut [f32], dim: usize) {
+    let per_task = (GRAIN / dim).max(1);
+    let work = |chunk: &mut [f32]| with_isa(|| chunk.chunks_mut(dim).for_each(softmax_row_f32));
+    if y.len() >= 2 * GRAIN {
+        y.par_chunks_mut(dim * per_task).for_each(work);
+    } else {
+        work(y);
+    }
+}
+
+/// Lanes of the partial maxima and sums (wide enough for 512-bit vectors, and two of them).
+const LANES: usize = 16;
+
+/// One row: max (NaN wins, as in the generic path), exp(x − max) and its sum, scale by 1/sum.
+/// Masked entries (−10000, −inf) just give exp ≈ 0: the shared exp clamps, no slow path.
+#[inline(always)]
+fn softmax_row_f32(v: &mut [f32]) {
+    let (head, tail) = v.split_at_mut(v.len() - v.len() % LANES);
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut nan = false;
+    for c in head.chunks_exact(LANES) {
+        for k in 0..LANES {
+            m[k] = if c[k] > m[k] { c[k] } else { m[k] };
+            nan |= c[k].is_nan();
+        }
+    }
+    let mut mx = m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for &x in tail.iter() {
+        mx = if x > mx { x } else { mx };
+        nan |= x.is_nan();
+    }
+    if nan {
+        v.fill(f32::NAN);
+        return;
+    }
+    let (head, tail) = v.split_at_mut(v.len() - v.len() % LANES);
+    let mut s = [0f32; LANES];
+    for c in head.chunks_exact_mut(LANES) {
+        for k in 0..LANES {
+            let e = gemm::exp(c[k] - mx);
+            c[k] = e;
+            s[k] += e;
+        }
+    }
+    let mut sum: f32 = s.iter().sum();
+    for x in tail.iter_mut() {
+        *x = gemm::exp(*x - mx);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    v.iter_mut().for_each(|x| *x *= inv);
 }
 
 fn log_softmax(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
@@ -205,5 +289,54 @@ mod tests {
         let y = run_op("LogSoftmax", 13, None, x);
         let lse = (1f32.exp() + 2. * 3f32.exp()).ln();
         assert!((y[0] - (1. - lse)).abs() < 1e-6);
+    }
+
+    fn softmax_ref(row: &[f32]) -> Vec<f64> {
+        let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+        let e: Vec<f64> = row.iter().map(|&x| (x as f64 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|v| v / s).collect()
+    }
+
+    #[test]
+    fn f32_rows_match_reference() {
+        use crate::cpu::kernels::elementwise::testing::{rand_f32, run_owned};
+        for (ci, &(rows, dim)) in [(3usize, 1usize), (2, 7), (5, 16), (4, 17), (48, 128), (3, 1000), (70, 512), (0, 5)].iter().enumerate() {
+            let mut x = rand_f32(rows * dim, ci as u64, 8.0);
+            // Attention masks: a big negative bias or -inf on some entries (never a whole row).
+            for (i, v) in x.iter_mut().enumerate() {
+                if i % 5 == 3 && dim > 1 {
+                    *v = if i % 2 == 0 { -10000.0 } else { f32::NEG_INFINITY };
+                }
+            }
+            for keep in [false, true] {
+                let t = Tensor::from_vec(&[rows, dim], x.clone()).unwrap();
+                let held = keep.then(|| t.clone());
+                let y = run_owned("Softmax", 13, vec![], vec![Some(t)]).unwrap().remove(0);
+                let y = y.view::<f32>().unwrap();
+                for r in 0..rows {
+                    let want = softmax_ref(&x[r * dim..(r + 1) * dim]);
+                    for (g, w) in y[r * dim..(r + 1) * dim].iter().zip(&want) {
+                        assert!((*g as f64 - w).abs() <= 1e-7 + 2e-6 * w.abs(), "rows {rows} dim {dim}: {g} vs {w}");
+                    }
+                }
+                if let Some(h) = held {
+                    assert_eq!(h.view::<f32>().unwrap(), &x[..]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_rows_nan_and_all_masked() {
+        let nan = f32::NAN;
+        let x = Tensor::from_vec(&[3, 17], [vec![1f32; 16], vec![nan], vec![f32::NEG_INFINITY; 17], vec![0f32; 17]].concat()).unwrap();
+        let y = run_op("Softmax", 13, None, x);
+        assert!(y[..34].iter().all(|v| v.is_nan()), "NaN or all -inf rows give NaN like the reference");
+        assert!(y[34..].iter().all(|&v| (v - 1.0 / 17.0).abs() < 1e-7));
+        // The strided (axis not last) case still takes the generic path.
+        let x = Tensor::from_vec(&[2, 2], vec![0f32, 0., 1000., 1000.]).unwrap();
+        let y = run_op("Softmax", 13, Some(0), x);
+        assert!((y[2] - 1.0).abs() < 1e-6 && y[0].abs() < 1e-6);
     }
 }

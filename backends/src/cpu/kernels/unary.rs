@@ -3,11 +3,14 @@
 //! Identity. Float ops run natively on f32/f64 and through f32 for f16/bf16.
 
 use half::{bf16, f16};
-use kiln_runtime::{DType, Error, Result, Tensor, Value};
+use kiln_runtime::{DType, Elem, Error, Result, Tensor, Value};
+use rayon::prelude::*;
 
 use super::cast::{cast_tensor, RoundMode};
-use super::elementwise::{par_map, Arith};
+use super::elementwise::{par_map, Arith, OwnedKernel};
 use crate::cpu::ctx::OpCtx;
+use crate::cpu::gemm::{self, apply_act, Act};
+use crate::cpu::isa::{self, Isa};
 use crate::cpu::registry::Registry;
 
 /// Special functions std lacks, for the compute types.
@@ -27,48 +30,167 @@ impl Special for f64 {
     }
 }
 
-/// A new tensor of `x`'s dtype and shape with `|$v: $R| $body` applied to every element; `$R` is
-/// bound to the compute type (f32 or f64).
+// ---------------------------------------------------------------------------------------------
+// Execution: ISA dispatch, parallel split, in-place reuse of a dead input.
+
+/// Run `f` compiled for the active SIMD ISA: the closure, and the `#[inline(always)]` math it
+/// calls, are inlined into a `#[target_feature]` function, so its loops vectorise to the widest
+/// lanes the CPU has instead of the SSE2 baseline.
+#[inline(always)]
+pub(crate) fn with_isa<R>(f: impl FnOnce() -> R) -> R {
+    match isa::active() {
+        // SAFETY: `active()` only returns ISAs this CPU supports.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { on_avx512(f) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { on_avx2(f) },
+        _ => f(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")]
+unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Elements per parallel task; smaller tensors stay on the calling thread (a rayon split costs
+/// more than mapping a few thousand elements).
+pub(crate) const TASK: usize = 1 << 15;
+
+/// Elements per block when a map copies and transforms (the block stays in L1 between the two).
+const BLOCK: usize = 2048;
+
+/// `f(start, chunk)` over `v` split into chunks (`start` = the chunk's offset in `v`), compiled
+/// for the active ISA, across the pool when `v` is large.
+pub(crate) fn transform<T: Send>(v: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
+    if v.len() >= 2 * TASK {
+        v.par_chunks_mut(TASK).enumerate().for_each(|(i, c)| with_isa(|| f(i * TASK, c)));
+    } else if !v.is_empty() {
+        with_isa(|| f(0, v));
+    }
+}
+
+/// The input `i` taken out of an owned input list.
+pub(crate) fn take_input(inputs: &mut [Option<Tensor>], i: usize) -> Result<Tensor> {
+    inputs
+        .get_mut(i)
+        .and_then(Option::take)
+        .ok_or_else(|| Error::Other(format!("required input {i} is missing")))
+}
+
+/// `f` applied to every element of `x` (result of x's dtype): in x's own buffer when x is its
+/// only owner (a dead intermediate handed over by the interpreter), else into a new tensor.
+pub(crate) fn map_same<T: Elem>(x: Tensor, f: impl Fn(T) -> T + Sync) -> Result<Tensor> {
+    let mut x = x;
+    if x.is_unique() {
+        transform(x.view_mut::<T>()?, |_, c| c.iter_mut().for_each(|v| *v = f(*v)));
+        return Ok(x);
+    }
+    let src = x.view::<T>()?;
+    Tensor::filled_by::<T>(x.dtype(), x.shape(), |out| {
+        transform(out, |s, c| c.iter_mut().zip(&src[s..]).for_each(|(o, &v)| *o = f(v)));
+        Ok(())
+    })
+}
+
+/// An f32 op given as an in-place slice transform `f`: run on x's buffer when x is unique, else
+/// block by block on a copy (copy a block, transform it while it is in L1).
+pub(crate) fn map_f32_slices(x: Tensor, f: impl Fn(&mut [f32]) + Sync) -> Result<Tensor> {
+    let mut x = x;
+    if x.is_unique() {
+        transform(x.view_mut::<f32>()?, |_, c| c.chunks_mut(BLOCK).for_each(&f));
+        return Ok(x);
+    }
+    let src = x.view::<f32>()?;
+    Tensor::filled_by::<f32>(DType::F32, x.shape(), |out| {
+        transform(out, |s, c| {
+            for (k, b) in c.chunks_mut(BLOCK).enumerate() {
+                let o = s + k * BLOCK;
+                b.copy_from_slice(&src[o..o + b.len()]);
+                f(b);
+            }
+        });
+        Ok(())
+    })
+}
+
+/// One of the GEMM epilogue's vectorised activations over an f32 tensor.
+fn act_f32(x: Tensor, act: Act) -> Result<Tensor> {
+    map_f32_slices(x, move |b| apply_act(b, act))
+}
+
+/// exp(x) for f32 over the whole range, from the shared vectorisable `exp` (which clamps its
+/// argument to where the result is a normal number): the ends are shifted into that range and
+/// scaled back, so large x overflows to inf and very negative x gives subnormals and 0.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const EXP_M40: f32 = 4.248_354_3e-18;
+    let hi = x > 88.0;
+    let lo = x < -80.0;
+    let y = if hi { x - 1.0 } else if lo { x + 40.0 } else { x };
+    let s = if hi { std::f32::consts::E } else if lo { EXP_M40 } else { 1.0 };
+    gemm::exp(y) * s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float ops.
+
+/// A new tensor (or `x` reused) of `x`'s dtype and shape with `|$v: $R| $body` applied to every
+/// element; `$R` is bound to the compute type (f32 or f64).
 macro_rules! float_map {
     ($x:expr, $R:ident, |$v:ident| $body:expr) => {{
-        let x: &Tensor = $x;
-        let dt = x.dtype();
-        let mut out = Tensor::zeros(dt, x.shape());
-        match dt {
+        let x: Tensor = $x;
+        match x.dtype() {
             DType::F32 => {
                 type $R = f32;
-                par_map(x.view::<f32>()?, out.view_mut::<f32>()?, |$v: $R| $body)
+                map_same::<f32>(x, |$v: $R| $body)?
             }
             DType::F64 => {
                 type $R = f64;
-                par_map(x.view::<f64>()?, out.view_mut::<f64>()?, |$v: $R| $body)
+                map_same::<f64>(x, |$v: $R| $body)?
             }
             DType::F16 => {
                 type $R = f32;
-                par_map(x.view::<f16>()?, out.view_mut::<f16>()?, |h: f16| {
+                map_same::<f16>(x, |h: f16| {
                     let $v: $R = h.to_f32();
                     f16::from_f32($body)
-                })
+                })?
             }
             DType::BF16 => {
                 type $R = f32;
-                par_map(x.view::<bf16>()?, out.view_mut::<bf16>()?, |h: bf16| {
+                map_same::<bf16>(x, |h: bf16| {
                     let $v: $R = h.to_f32();
                     bf16::from_f32($body)
-                })
+                })?
             }
             d => return Err(Error::DType(format!("unsupported dtype {d} (expected a float type)"))),
         }
-        out
     }};
 }
 
 /// A float unary kernel: `$setup` reads attributes (with `$ctx`), then `$body` maps each `$v`.
+/// With `f32 => $act`, f32 tensors take the vectorised epilogue activation instead.
 macro_rules! float_kernel {
     ($name:ident, $R:ident, |$ctx:ident, $v:ident| { $($setup:tt)* } => $body:expr) => {
-        fn $name($ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-            let x = $ctx.input(inputs, 0)?;
+        float_kernel!($name, $R, |$ctx, $v| { $($setup)* } f32 => None::<Act>, $body);
+    };
+    ($name:ident, $R:ident, |$ctx:ident, $v:ident| { $($setup:tt)* } f32 => $act:expr, $body:expr) => {
+        #[allow(unused_variables)]
+        fn $name($ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+            let x = take_input(&mut inputs, 0)?;
             $($setup)*
+            if x.dtype() == DType::F32 {
+                if let Some(act) = $act {
+                    return Ok(vec![act_f32(x, act)?]);
+                }
+            }
             Ok(vec![float_map!(x, $R, |$v| $body)])
         }
     };
@@ -79,7 +201,6 @@ float_kernel!(floor, R, |_c, v| {} => v.floor());
 float_kernel!(ceil, R, |_c, v| {} => v.ceil());
 float_kernel!(round, R, |_c, v| {} => v.round_ties_even());
 float_kernel!(sqrt, R, |_c, v| {} => v.sqrt());
-float_kernel!(exp, R, |_c, v| {} => v.exp());
 float_kernel!(log, R, |_c, v| {} => v.ln());
 float_kernel!(erf, R, |_c, v| {} => v.erf_());
 float_kernel!(sin, R, |_c, v| {} => v.sin());
@@ -94,13 +215,13 @@ float_kernel!(asinh, R, |_c, v| {} => v.asinh());
 float_kernel!(acosh, R, |_c, v| {} => v.acosh());
 float_kernel!(atanh, R, |_c, v| {} => v.atanh());
 float_kernel!(tanh, R, |_c, v| {} => v.tanh());
-float_kernel!(sigmoid, R, |_c, v| {} => sigmoid_of(v));
+float_kernel!(sigmoid, R, |_c, v| {} f32 => Some(Act::Sigmoid), sigmoid_of(v));
 float_kernel!(softsign, R, |_c, v| {} => v / (1.0 + v.abs()));
 float_kernel!(softplus, R, |_c, v| {} => softplus_of(v));
 float_kernel!(mish, R, |_c, v| {} => v * softplus_of(v).tanh());
-float_kernel!(hardswish, R, |_c, v| {} => v * (v / 6.0 + 0.5).clamp(0.0, 1.0));
+float_kernel!(hardswish, R, |_c, v| {} f32 => Some(Act::HardSwish), v * (v / 6.0 + 0.5).clamp(0.0, 1.0));
 float_kernel!(leaky_relu, R, |c, v| { let alpha = c.attr_f("alpha", 0.01); }
-    => if v < 0.0 { v * alpha as R } else { v });
+    f32 => Some(Act::LeakyRelu(alpha)), if v < 0.0 { v * alpha as R } else { v });
 float_kernel!(elu, R, |c, v| { let alpha = c.attr_f("alpha", 1.0); }
     => if v > 0.0 { v } else { alpha as R * v.exp_m1() });
 float_kernel!(selu, R, |c, v| {
@@ -114,9 +235,17 @@ float_kernel!(thresholded_relu, R, |c, v| { let alpha = c.attr_f("alpha", 1.0); 
 float_kernel!(hard_sigmoid, R, |c, v| {
         let alpha = c.attr_f("alpha", 0.2);
         let beta = c.attr_f("beta", 0.5);
-    } => (alpha as R * v + beta as R).clamp(0.0, 1.0));
+    } f32 => Some(Act::HardSigmoid(alpha, beta)), (alpha as R * v + beta as R).clamp(0.0, 1.0));
 float_kernel!(swish, R, |c, v| { let alpha = c.attr_f("alpha", 1.0); }
-    => v * sigmoid_of(alpha as R * v));
+    f32 => (alpha == 1.0).then_some(Act::Silu), v * sigmoid_of(alpha as R * v));
+
+fn exp(_ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
+    if x.dtype() == DType::F32 {
+        return Ok(vec![map_f32_slices(x, |b| b.iter_mut().for_each(|v| *v = exp_f32(*v)))?]);
+    }
+    Ok(vec![float_map!(x, R, |v| v.exp())])
+}
 
 /// 1/(1+e^-x) without overflow for large |x|.
 #[inline(always)]
@@ -163,17 +292,24 @@ mod num {
     real!(f32, f64);
 }
 
-fn gelu(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = ctx.input(inputs, 0)?;
-    let out = match ctx.attr_s("approximate", "none").as_str() {
-        "none" => float_map!(x, R, |v| {
-            0.5 * v * (1.0 + (v * std::f64::consts::FRAC_1_SQRT_2 as R).erf_())
-        }),
-        "tanh" => float_map!(x, R, |v| {
+fn gelu(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
+    let approx = ctx.attr_s("approximate", "none");
+    let tanh = match approx.as_str() {
+        "none" => false,
+        "tanh" => true,
+        a => return Err(ctx.unsupported(format!("approximate='{a}'"))),
+    };
+    if x.dtype() == DType::F32 {
+        return Ok(vec![act_f32(x, if tanh { Act::GeluTanh } else { Act::GeluErf })?]);
+    }
+    let out = if tanh {
+        float_map!(x, R, |v| {
             let k = (2.0 / std::f64::consts::PI).sqrt() as R;
             0.5 * v * (1.0 + (k * (v + 0.044715 * v * v * v)).tanh())
-        }),
-        a => return Err(ctx.unsupported(format!("approximate='{a}'"))),
+        })
+    } else {
+        float_map!(x, R, |v| 0.5 * v * (1.0 + (v * std::f64::consts::FRAC_1_SQRT_2 as R).erf_()))
     };
     Ok(vec![out])
 }
@@ -200,15 +336,8 @@ ordered!(0.0, 1.0 => f32, f64);
 ordered!(f16::ZERO, f16::ONE => f16);
 ordered!(bf16::ZERO, bf16::ONE => bf16);
 
-/// A new tensor of `x`'s dtype with `f` applied to every element.
-fn map_same<T: Ordered>(x: &Tensor, f: impl Fn(T) -> T + Sync) -> Result<Tensor> {
-    let mut out = Tensor::zeros(x.dtype(), x.shape());
-    par_map(x.view::<T>()?, out.view_mut::<T>()?, f);
-    Ok(out)
-}
-
-fn abs(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = ctx.input(inputs, 0)?;
+fn abs(_ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
     if x.dtype().is_float() {
         return Ok(vec![float_map!(x, R, |v| v.abs())]);
     }
@@ -218,8 +347,8 @@ fn abs(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     Ok(vec![out])
 }
 
-fn neg(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = ctx.input(inputs, 0)?;
+fn neg(_ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
     if x.dtype().is_float() {
         return Ok(vec![float_map!(x, R, |v| -v)]);
     }
@@ -227,8 +356,8 @@ fn neg(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     Ok(vec![out])
 }
 
-fn sign(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = ctx.input(inputs, 0)?;
+fn sign(_ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
     let out = crate::with_numeric!(x.dtype(), T, {
         map_same::<T>(x, |v| {
             if v > T::ZERO {
@@ -243,10 +372,13 @@ fn sign(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     Ok(vec![out])
 }
 
-fn relu(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = ctx.input(inputs, 0)?;
+fn relu(_ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
+    if x.dtype() == DType::F32 {
+        return Ok(vec![act_f32(x, Act::Relu)?]);
+    }
     let out = crate::with_numeric!(x.dtype(), T, {
-        map_same::<T>(x, |v| if v < T::ZERO { T::ZERO } else { v })?
+        map_same::<T>(x, |v: T| if v < T::ZERO { T::ZERO } else { v })?
     });
     Ok(vec![out])
 }
@@ -263,16 +395,22 @@ fn bound<T: Ordered>(t: Option<&Tensor>, dt: DType) -> Result<Option<T>> {
     }
 }
 
-fn clip(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = ctx.input(inputs, 0)?;
+fn clip(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
     let dt = x.dtype();
     let out = crate::with_numeric!(dt, T, {
         let (lo, hi): (Option<T>, Option<T>) = if ctx.opset() < 11 {
             let f = |name: &str| ctx.attr_f_opt(name).map(|v| T::from_f64(v as f64));
             (f("min"), f("max"))
         } else {
-            (bound(ctx.opt_input(inputs, 1), dt)?, bound(ctx.opt_input(inputs, 2), dt)?)
+            (bound(ctx.opt_input(&inputs, 1), dt)?, bound(ctx.opt_input(&inputs, 2), dt)?)
         };
+        if dt == DType::F32 {
+            // The epilogue's clip has the same select order (and NaN behaviour) as below.
+            let lo = lo.map_or(f64::NEG_INFINITY, |v| v.to_f64()) as f32;
+            let hi = hi.map_or(f64::INFINITY, |v| v.to_f64()) as f32;
+            return Ok(vec![act_f32(x, Act::Clip(lo, hi))?]);
+        }
         // numpy's clip: max(x, lo) first, then min(., hi), so hi wins when lo > hi; NaN stays.
         map_same::<T>(x, |v| {
             let v = match lo {
@@ -288,8 +426,8 @@ fn clip(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     Ok(vec![out])
 }
 
-fn shrink(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = ctx.input(inputs, 0)?;
+fn shrink(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
     let bias = ctx.attr_f("bias", 0.0) as f64;
     let lambd = ctx.attr_f("lambd", 0.5) as f64;
     let out = crate::with_numeric!(x.dtype(), T, {
@@ -320,28 +458,29 @@ fn float_test(x: &Tensor, pred: impl Fn(f64) -> bool + Sync) -> Result<Tensor> {
     Ok(out)
 }
 
-fn isnan(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    Ok(vec![float_test(ctx.input(inputs, 0)?, f64::is_nan)?])
+fn isnan(ctx: &OpCtx, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    Ok(vec![float_test(ctx.input(&inputs, 0)?, f64::is_nan)?])
 }
 
-fn isinf(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+fn isinf(ctx: &OpCtx, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
     let pos = ctx.attr_i("detect_positive", 1) != 0;
     let neg = ctx.attr_i("detect_negative", 1) != 0;
-    let out = float_test(ctx.input(inputs, 0)?, |v| {
+    let out = float_test(ctx.input(&inputs, 0)?, |v| {
         (pos && v == f64::INFINITY) || (neg && v == f64::NEG_INFINITY)
     })?;
     Ok(vec![out])
 }
 
-fn not(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = ctx.input(inputs, 0)?;
-    let mut out = Tensor::zeros(DType::Bool, x.shape());
-    par_map(x.view::<bool>()?, out.view_mut::<bool>()?, |v| !v);
-    Ok(vec![out])
+fn not(_ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
+    if x.dtype() != DType::Bool {
+        return Err(Error::DType(format!("expected bool, got {}", x.dtype())));
+    }
+    Ok(vec![map_same::<bool>(x, |v| !v)?])
 }
 
-fn bitwise_not(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
-    let x = ctx.input(inputs, 0)?;
+fn bitwise_not(_ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    let x = take_input(&mut inputs, 0)?;
     let out = crate::with_int!(x.dtype(), T, { map_same::<T>(x, |v| !v)? });
     Ok(vec![out])
 }
@@ -354,51 +493,74 @@ fn identity(_ctx: &OpCtx, inputs: &[Option<Value>]) -> Result<Vec<Value>> {
     }
 }
 
-pub fn register(r: &mut Registry) {
-    r.add("Abs", abs);
-    r.add("Neg", neg);
-    r.add("Sign", sign);
-    r.add("Reciprocal", reciprocal);
-    r.add("Floor", floor);
-    r.add("Ceil", ceil);
-    r.add("Round", round);
-    r.add("Sqrt", sqrt);
-    r.add("Exp", exp);
-    r.add("Log", log);
-    r.add("Erf", erf);
-    r.add("Sin", sin);
-    r.add("Cos", cos);
-    r.add("Tan", tan);
-    r.add("Asin", asin);
-    r.add("Acos", acos);
-    r.add("Atan", atan);
-    r.add("Sinh", sinh);
-    r.add("Cosh", cosh);
-    r.add("Asinh", asinh);
-    r.add("Acosh", acosh);
-    r.add("Atanh", atanh);
-    r.add("Tanh", tanh);
-    r.add("Sigmoid", sigmoid);
-    r.add("Relu", relu);
-    r.add("LeakyRelu", leaky_relu);
-    r.add("Elu", elu);
-    r.add("Selu", selu);
-    r.add("Celu", celu);
-    r.add("ThresholdedRelu", thresholded_relu);
-    r.add("HardSigmoid", hard_sigmoid);
-    r.add("HardSwish", hardswish);
-    r.add("Softplus", softplus);
-    r.add("Softsign", softsign);
-    r.add("Mish", mish);
-    r.add("Gelu", gelu);
-    r.add("Swish", swish);
-    r.add("Clip", clip);
-    r.add("Shrink", shrink);
-    r.add("IsNaN", isnan);
-    r.add("IsInf", isinf);
-    r.add("Not", not);
-    r.add("BitwiseNot", bitwise_not);
-    r.add_value("Identity", identity);
+/// Registers every kernel of the table for the registry (borrowing its inputs) and lists the
+/// same kernels for the interpreter's owned calls (which hand over dead inputs for reuse).
+macro_rules! kernel_table {
+    ($($op:literal => $f:ident),* $(,)?) => {
+        pub fn register(r: &mut Registry) {
+            $(r.add($op, {
+                fn borrowed(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+                    $f(ctx, inputs.to_vec())
+                }
+                borrowed
+            });)*
+            r.add_value("Identity", identity);
+        }
+
+        /// The owned-input form of this file's kernel for `op`, if it has one.
+        pub(crate) fn owned(op: &str) -> Option<OwnedKernel> {
+            match op {
+                $($op => Some($f as OwnedKernel),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+kernel_table! {
+    "Abs" => abs,
+    "Neg" => neg,
+    "Sign" => sign,
+    "Reciprocal" => reciprocal,
+    "Floor" => floor,
+    "Ceil" => ceil,
+    "Round" => round,
+    "Sqrt" => sqrt,
+    "Exp" => exp,
+    "Log" => log,
+    "Erf" => erf,
+    "Sin" => sin,
+    "Cos" => cos,
+    "Tan" => tan,
+    "Asin" => asin,
+    "Acos" => acos,
+    "Atan" => atan,
+    "Sinh" => sinh,
+    "Cosh" => cosh,
+    "Asinh" => asinh,
+    "Acosh" => acosh,
+    "Atanh" => atanh,
+    "Tanh" => tanh,
+    "Sigmoid" => sigmoid,
+    "Relu" => relu,
+    "LeakyRelu" => leaky_relu,
+    "Elu" => elu,
+    "Selu" => selu,
+    "Celu" => celu,
+    "ThresholdedRelu" => thresholded_relu,
+    "HardSigmoid" => hard_sigmoid,
+    "HardSwish" => hardswish,
+    "Softplus" => softplus,
+    "Softsign" => softsign,
+    "Mish" => mish,
+    "Gelu" => gelu,
+    "Swish" => swish,
+    "Clip" => clip,
+    "Shrink" => shrink,
+    "IsNaN" => isnan,
+    "IsInf" => isinf,
+    "Not" => not,
+    "BitwiseNot" => bitwise_not,
 }
 
 #[cfg(test)]
@@ -480,5 +642,75 @@ mod tests {
         let step = kiln_runtime::manifest::Step { op: "Identity".into(), opset: 16, outputs: vec![0], ..Default::default() };
         let out = identity(&OpCtx::new(&step, None), &[Some(s)]).unwrap();
         assert_eq!(out[0].tensor().unwrap().strings().unwrap(), &["a"]);
+    }
+
+    /// f64 references of the ops with vectorised f32 paths.
+    fn reference(op: &str, x: f64) -> f64 {
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        match op {
+            "Exp" => x.exp(),
+            "Sigmoid" => sig(x),
+            "Relu" => x.max(0.0),
+            "HardSwish" => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
+            "HardSigmoid" => (0.2 * x + 0.5).clamp(0.0, 1.0),
+            "LeakyRelu" => if x < 0.0 { 0.01 * x } else { x },
+            "Swish" => x * sig(x),
+            "Gelu" => 0.5 * x * libm::erfc(-x / std::f64::consts::SQRT_2),
+            "Clip" => x.clamp(-1.5, 2.5),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn vectorised_f32_ops_match_reference_in_place_and_copied() {
+        let mut xs = super::super::elementwise::testing::rand_f32(70_001, 7, 12.0);
+        xs.extend([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 88.5, 88.8, -87.0, -90.0, -104.0, -200.0, 1000.0, -1000.0]);
+        for op in ["Exp", "Sigmoid", "Relu", "HardSwish", "HardSigmoid", "LeakyRelu", "Swish", "Gelu", "Clip"] {
+            let clip = || vec![t(&[], vec![-1.5f32]), t(&[], vec![2.5f32])];
+            for in_place in [false, true] {
+                let x = Tensor::from_vec(&[xs.len()], xs.clone()).unwrap();
+                let held = (!in_place).then(|| x.clone());
+                let mut ins = vec![Some(x)];
+                if op == "Clip" {
+                    ins.extend(clip());
+                }
+                let y = run_owned(op, 20, vec![], ins).unwrap().remove(0);
+                for (&v, &g) in xs.iter().zip(y.view::<f32>().unwrap()) {
+                    let w = reference(op, v as f64);
+                    // Absolute slack for results that cancel to near 0 (HardSigmoid: 0.2x + 0.5 in f32).
+                    let tol = 1e-7 + 2e-6 * w.abs();
+                    assert!((g as f64 - w).abs() <= tol || (w > f32::MAX as f64 && g == f32::INFINITY), "{op}({v}) = {g}, want {w}");
+                }
+                if let Some(h) = held {
+                    assert_eq!(h.view::<f32>().unwrap(), &xs[..], "{op} changed a shared input");
+                }
+            }
+        }
+        let special = run("Exp", 13, vec![], vec![t(&[4], vec![f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 89.0])]).unwrap();
+        let v = special.view::<f32>().unwrap();
+        assert_eq!((v[0], v[1], v[3]), (f32::INFINITY, 0.0, f32::INFINITY));
+        assert!(v[2].is_nan());
+        for op in ["Sigmoid", "Relu", "HardSwish", "Gelu"] {
+            let y = run(op, 20, vec![], vec![t(&[1], vec![f32::NAN])]).unwrap();
+            assert!(y.view::<f32>().unwrap()[0].is_nan(), "{op}(NaN)");
+        }
+        let e = run("Sigmoid", 13, vec![], vec![t(&[0, 4], Vec::<f32>::new())]).unwrap();
+        assert_eq!(e.shape(), &[0, 4]);
+    }
+
+    #[test]
+    fn in_place_generic_maps() {
+        // f16 and integer maps through the owned path, unique and shared.
+        let h = |v: f32| f16::from_f32(v);
+        let x = Tensor::from_vec(&[3], vec![h(-1.0), h(0.25), h(4.0)]).unwrap();
+        let held = x.clone();
+        let y = run_owned("Sqrt", 13, vec![], vec![Some(x)]).unwrap().remove(0);
+        assert!(y.view::<f16>().unwrap()[0].is_nan());
+        assert_eq!(&y.view::<f16>().unwrap()[1..], &[h(0.5), h(2.0)]);
+        assert_eq!(held.view::<f16>().unwrap()[0], h(-1.0));
+        let y = run_owned("Neg", 13, vec![], vec![t(&[2], vec![i64::MIN, 5])]).unwrap().remove(0);
+        assert_eq!(y.view::<i64>().unwrap(), &[i64::MIN, -5]);
+        let y = run_owned("Not", 1, vec![], vec![t(&[2], vec![true, false])]).unwrap().remove(0);
+        assert_eq!(y.view::<bool>().unwrap(), &[false, true]);
     }
 }

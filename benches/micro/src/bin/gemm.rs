@@ -18,13 +18,17 @@ fn main() {
     println!("ISA {isa} (vnni: {}), FMA peak {:.1} GFLOP/s per core (measured)", isa::vnni(), peak);
     let shapes: &[(usize, usize, usize)] =
         &[(1024, 1024, 1024), (1, 384, 384), (26, 384, 1536), (128, 384, 384), (8, 768, 768), (64, 1536, 384)];
+    // Small-M shapes of the real models: MiniLM at batch 1 (16 tokens) and the Silero VAD LSTM.
+    let small: &[(usize, usize, usize)] =
+        &[(16, 384, 384), (16, 384, 1536), (16, 1536, 384), (1, 128, 512), (1, 512, 128), (4, 512, 128)];
+    let shapes = [shapes, small].concat();
     println!(
-        "{:>16} {:>3}  {:>9} {:>7}  {:>9} {:>7}  {:>9}  {:>6}",
-        "m×n×k", "thr", "kiln", "%peak", "prepacked", "%peak", "gemm-crate", "kiln/crate"
+        "{:>16} {:>3}  {:>9} {:>7}  {:>9} {:>7}  {:>9}  {:>9}  {:>6}",
+        "m×n×k", "thr", "kiln", "%peak", "prepacked", "%peak", "kiln Bᵀ", "gemm-crate", "kiln/crate"
     );
     for threads in [1usize, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
-        for &(m, n, k) in shapes {
+        for &(m, n, k) in &shapes {
             pool.install(|| bench_shape(m, n, k, threads, peak, budget));
         }
     }
@@ -47,6 +51,11 @@ fn bench_shape(m: usize, n: usize, k: usize, threads: usize, peak: f64, budget: 
     let t_packed = best_time(budget, || {
         sgemm(m, n, k, am, BRef::Packed(&packed), black_box(&mut c), n, false, &epi, par).unwrap();
     });
+    // B stored transposed (an [n, k] weight read as k×n, as recurrent layers and Gemm transB do).
+    let bt = fill(k * n, 3);
+    let t_trans = best_time(budget, || {
+        sgemm(m, n, k, am, BRef::Mat(MatRef::cols(&bt, k)), black_box(&mut c), n, false, &epi, par).unwrap();
+    });
     let parallelism = if par { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     let t_crate = best_time(budget, || unsafe {
         gemm::gemm(
@@ -54,15 +63,16 @@ fn bench_shape(m: usize, n: usize, k: usize, threads: usize, peak: f64, budget: 
             n as isize, 0.0f32, 1.0f32, false, false, false, parallelism,
         )
     });
-    let (g1, g2, g3) = (gf(t_kiln), gf(t_packed), gf(t_crate));
+    let (g1, g2, g3, g4) = (gf(t_kiln), gf(t_packed), gf(t_crate), gf(t_trans));
     println!(
-        "{:>16} {:>3}  {:>9.1} {:>6.1}%  {:>9.1} {:>6.1}%  {:>9.1}  {:>5.2}x",
+        "{:>16} {:>3}  {:>9.1} {:>6.1}%  {:>9.1} {:>6.1}%  {:>9.1}  {:>9.1}  {:>5.2}x",
         format!("{m}×{n}×{k}"),
         threads,
         g1,
         pct(g1),
         g2,
         pct(g2),
+        g4,
         g3,
         g1 / g3
     );

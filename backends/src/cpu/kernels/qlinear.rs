@@ -1,0 +1,401 @@
+//! kiln's int8 ops (domain "kiln"), produced by the `quant_int8` pass from MatMul / Gemm /
+//! FusedMatMul and Conv / FusedConv with constant weights. f32 in and out: the activation is
+//! quantized to u8 on entry, the product runs on the int8 GEMM (`cpu::qgemm`) and dequantization,
+//! bias and activation happen in its epilogue.
+//!
+//! - `MatMulInt8(A[..., K], W, w_scale[N], w_sum[N], bias[N]?)`, attribute `k`.
+//! - `ConvInt8(X[N, C, H, W], W, w_scale[M], w_sum[M], bias[M]?)`: 2-D, group 1, with Conv's
+//!   `kernel_shape` (required), `strides`, `pads`, `dilations`, `auto_pad`, and `channels` = C.
+//!   The weight's K runs over (ky, kx, c) with c padded to a multiple of 4, so the input is
+//!   quantized once into an NHWC u8 buffer and each im2col row is kernel-area copies of one pixel's
+//!   channels (a 1×1 stride-1 Conv uses that buffer as A directly).
+//!
+//! W is the packed U8 panel layout of `qgemm::pack_i8` (built at compile time, never per call).
+//! `a_scale` (float) and `a_zero` (int) give the static, calibrated u8 quantization of the input;
+//! without them it is chosen at run time (per row of A for MatMulInt8, per tensor for ConvInt8).
+//! Both take FusedMatMul's `activation` and `activation_params`.
+
+use rayon::prelude::*;
+
+use kiln_runtime::{DType, Error, Result, Tensor};
+
+use crate::cpu::ctx::OpCtx;
+use crate::cpu::gemm::Act;
+use crate::cpu::isa;
+use crate::cpu::kernels::pool::spatial_geometry;
+use crate::cpu::qgemm::{self, PackedRef, QActs, QEpilogue, QKernel};
+use crate::cpu::registry::Registry;
+
+pub fn register(r: &mut Registry) {
+    r.add_in("kiln", "MatMulInt8", matmul_int8);
+    r.add_in("kiln", "ConvInt8", conv_int8);
+}
+
+/// The fused activation (same attributes and names as kiln.FusedMatMul).
+fn act_from_ctx(ctx: &OpCtx) -> Result<Act> {
+    let p = ctx.attr_floats("activation_params").unwrap_or_default();
+    let at = |i: usize, d: f32| p.get(i).copied().unwrap_or(d);
+    Ok(match ctx.attr_s("activation", "").as_str() {
+        "" => Act::None,
+        "Relu" => Act::Relu,
+        "Sigmoid" => Act::Sigmoid,
+        "Tanh" => Act::Tanh,
+        "HardSwish" => Act::HardSwish,
+        "LeakyRelu" => Act::LeakyRelu(at(0, 0.01)),
+        "HardSigmoid" => Act::HardSigmoid(at(0, 0.2), at(1, 0.5)),
+        "Gelu" => Act::GeluErf,
+        "GeluTanh" => Act::GeluTanh,
+        "Clip" => Act::Clip(at(0, f32::MIN), at(1, f32::MAX)),
+        a => return Err(ctx.unsupported(format!("activation '{a}'"))),
+    })
+}
+
+fn typed<'a>(ctx: &OpCtx, inputs: &'a [Option<Tensor>], i: usize, dtype: DType) -> Result<&'a Tensor> {
+    let t = ctx.input(inputs, i)?;
+    if t.dtype() != dtype {
+        return Err(Error::DType(format!("{} '{}': input {i} is {}, expected {dtype}", ctx.op(), ctx.name(), t.dtype())));
+    }
+    Ok(t)
+}
+
+/// The packed weights (inputs 1..=3) for K = `k`, and the optional bias (input 4).
+fn weights<'a>(ctx: &OpCtx, inputs: &'a [Option<Tensor>], k: usize) -> Result<(PackedRef<'a>, Option<&'a [f32]>)> {
+    let scale = typed(ctx, inputs, 2, DType::F32)?.view::<f32>()?;
+    let n = scale.len();
+    let w = PackedRef {
+        k,
+        n,
+        packed: typed(ctx, inputs, 1, DType::U8)?.view::<u8>()?,
+        scale,
+        sum: typed(ctx, inputs, 3, DType::I32)?.view::<i32>()?,
+    };
+    if w.packed.len() != qgemm::packed_len(k, n) || w.sum.len() != n {
+        return Err(Error::Shape(format!("{} '{}': packed weights do not hold {k}x{n}", ctx.op(), ctx.name())));
+    }
+    let bias = match ctx.opt_input(inputs, 4) {
+        Some(b) if b.dtype() == DType::F32 && b.len() == n => Some(b.view::<f32>()?),
+        Some(b) => return Err(Error::Shape(format!("{}: bias {:?} for {n} columns", ctx.op(), b.shape()))),
+        None => None,
+    };
+    Ok((w, bias))
+}
+
+/// The calibrated (scale, zero point) if the node has them.
+fn static_params(ctx: &OpCtx) -> Result<Option<(f32, i32)>> {
+    match (ctx.attr_f_opt("a_scale"), ctx.attr_i_opt("a_zero")) {
+        (None, None) => Ok(None),
+        (Some(s), Some(z)) if s > 0.0 && s.is_finite() && (0..=255).contains(&z) => Ok(Some((s, z as i32))),
+        _ => Err(ctx.unsupported("a_scale / a_zero must come together, scale > 0, zero in 0..=255")),
+    }
+}
+
+fn positive_attr(ctx: &OpCtx, name: &str) -> Result<usize> {
+    match ctx.attr_i_opt(name) {
+        Some(v) if v > 0 => Ok(v as usize),
+        _ => Err(ctx.unsupported(format!("attribute {name} missing or not positive"))),
+    }
+}
+
+fn matmul_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let a = typed(ctx, inputs, 0, DType::F32)?;
+    let k = positive_attr(ctx, "k")?;
+    let (w, bias) = weights(ctx, inputs, k)?;
+    let act = act_from_ctx(ctx)?;
+    if a.rank() < 1 || a.shape()[a.rank() - 1] != k {
+        return Err(Error::Shape(format!("MatMulInt8 '{}': A {:?} for K = {k}", ctx.name(), a.shape())));
+    }
+    let m = a.len() / k;
+    let av = a.view::<f32>()?;
+    let (q, scale, zero) = match static_params(ctx)? {
+        None => qgemm::quantize_rows(av, m, k),
+        Some((s, z)) => {
+            let ld = qgemm::padded_k(k);
+            let mut q = vec![0u8; m * ld];
+            for (dst, src) in q.chunks_mut(ld).zip(av.chunks(k)) {
+                qgemm::quantize_u8(src, &mut dst[..k], s, z);
+            }
+            (q, vec![s], vec![z])
+        }
+    };
+    let mut out_shape = a.shape().to_vec();
+    *out_shape.last_mut().unwrap() = w.n;
+    let mut y = vec![0f32; m * w.n];
+    let acts = QActs { data: &q, ld: qgemm::padded_k(k), scale: &scale, zero: &zero };
+    let out = qgemm::Out { data: &mut y, rs: w.n, cs: 1 };
+    qgemm::qgemm(m, acts, w, &QEpilogue { bias, act }, out, true)?;
+    Ok(vec![Tensor::from_vec(&out_shape, y)?])
+}
+
+/// 2-D convolution geometry of a ConvInt8 node.
+struct ConvGeo {
+    c: usize,
+    cp: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    pad: [usize; 2],
+}
+
+impl ConvGeo {
+    fn pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.pad == [0, 0] && (self.oh, self.ow) == (self.h, self.w)
+    }
+
+    fn k(&self) -> usize {
+        self.kernel[0] * self.kernel[1] * self.cp
+    }
+}
+
+fn conv_geo(ctx: &OpCtx, x: &Tensor) -> Result<ConvGeo> {
+    if x.rank() != 4 {
+        return Err(ctx.unsupported(format!("input of rank {} (2-D convolutions only)", x.rank())));
+    }
+    if ctx.attr_i("group", 1) != 1 {
+        return Err(ctx.unsupported("group != 1"));
+    }
+    let kernel = ctx.attr_ints("kernel_shape").ok_or_else(|| ctx.unsupported("kernel_shape missing"))?;
+    if kernel.len() != 2 || kernel.iter().any(|&v| v <= 0) {
+        return Err(ctx.unsupported(format!("kernel_shape {kernel:?}")));
+    }
+    let kernel = [kernel[0] as usize, kernel[1] as usize];
+    let c = positive_attr(ctx, "channels")?;
+    if x.shape()[1] != c {
+        return Err(Error::Shape(format!("ConvInt8 '{}': X {:?} for {c} channels", ctx.name(), x.shape())));
+    }
+    let d = spatial_geometry(ctx, &x.shape()[2..], &kernel, false)?;
+    Ok(ConvGeo {
+        c,
+        cp: qgemm::padded_k(c),
+        h: x.shape()[2],
+        w: x.shape()[3],
+        oh: d[0].output,
+        ow: d[1].output,
+        kernel,
+        stride: [d[0].stride, d[1].stride],
+        dilation: [d[0].dilation, d[1].dilation],
+        pad: [d[0].pad_begin, d[1].pad_begin],
+    })
+}
+
+/// Pixels per task when building im2col rows (a multiple of every kernel's tile height).
+const PIXEL_CHUNK: usize = 128;
+
+/// Quantize one NCHW image into NHWC u8 with `cp` bytes per pixel (padding channels zero).
+fn quantize_nhwc(x: &[f32], g: &ConvGeo, s: f32, z: i32, dst: &mut [u8]) {
+    let hw = g.h * g.w;
+    let (inv, zf) = (1.0 / s, z as f32);
+    dst.par_chunks_mut(PIXEL_CHUNK * g.cp).enumerate().for_each(|(t, out)| {
+        let p0 = t * PIXEL_CHUNK;
+        let np = out.len() / g.cp;
+        for c in 0..g.c {
+            let src = &x[c * hw + p0..c * hw + p0 + np];
+            for (p, &v) in src.iter().enumerate() {
+                out[p * g.cp + c] = ((v * inv).round_ties_even() + zf).clamp(0.0, 255.0) as u8;
+            }
+        }
+    });
+}
+
+/// im2col rows (one per output pixel p0..p0+rows, `k` bytes each) from the NHWC u8 image; taps
+/// outside the image read the zero point.
+fn im2col_rows(g: &ConvGeo, src: &[u8], zero: u8, p0: usize, rows: &mut [u8]) {
+    let k = g.k();
+    for (r, row) in rows.chunks_exact_mut(k).enumerate() {
+        let (oy, ox) = ((p0 + r) / g.ow, (p0 + r) % g.ow);
+        for ky in 0..g.kernel[0] {
+            let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pad[0] as isize;
+            for kx in 0..g.kernel[1] {
+                let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pad[1] as isize;
+                let dst = &mut row[(ky * g.kernel[1] + kx) * g.cp..][..g.cp];
+                if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                    let off = (iy as usize * g.w + ix as usize) * g.cp;
+                    dst.copy_from_slice(&src[off..off + g.cp]);
+                } else {
+                    dst.fill(zero);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct YPtr(*mut f32);
+// SAFETY: each task writes only its own pixel range of every output channel.
+unsafe impl Send for YPtr {}
+unsafe impl Sync for YPtr {}
+
+fn conv_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    let x = typed(ctx, inputs, 0, DType::F32)?;
+    let g = conv_geo(ctx, x)?;
+    let (w, bias) = weights(ctx, inputs, g.k())?;
+    let act = act_from_ctx(ctx)?;
+    let xv = x.view::<f32>()?;
+    let (s, z) = match static_params(ctx)? {
+        Some(p) => p,
+        None => {
+            let (lo, hi) = xv.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            qgemm::u8_params(lo, hi)
+        }
+    };
+    let (n, hw, ohw) = (x.shape()[0], g.h * g.w, g.oh * g.ow);
+    let mut y = vec![0f32; n * w.n * ohw];
+    let kern = QKernel::for_isa(isa::active());
+    let epi = QEpilogue { bias, act };
+    let (scale, zero) = ([s], [z]);
+    let mut nhwc = vec![0u8; hw * g.cp];
+    for (img, yimg) in y.chunks_mut(w.n * ohw).enumerate() {
+        quantize_nhwc(&xv[img * g.c * hw..(img + 1) * g.c * hw], &g, s, z, &mut nhwc);
+        if g.pointwise() {
+            let acts = QActs { data: &nhwc, ld: g.cp, scale: &scale, zero: &zero };
+            let out = qgemm::Out { data: yimg, rs: 1, cs: ohw };
+            qgemm::qgemm_with(kern, ohw, acts, w, &epi, out, true)?;
+            continue;
+        }
+        let k = g.k();
+        let yp = YPtr(yimg.as_mut_ptr());
+        let len = yimg.len();
+        let chunks = ohw.div_ceil(PIXEL_CHUNK);
+        (0..chunks).into_par_iter().try_for_each_init(Vec::new, |rows: &mut Vec<u8>, t| -> Result<()> {
+            let p0 = t * PIXEL_CHUNK;
+            let m = PIXEL_CHUNK.min(ohw - p0);
+            rows.resize(m * k, 0);
+            im2col_rows(&g, &nhwc, z as u8, p0, rows);
+            let acts = QActs { data: rows, ld: k, scale: &scale, zero: &zero };
+            let yp = yp;
+            // SAFETY: the output pointer covers this image; this task writes pixels p0..p0+m of
+            // every channel, which no other task touches.
+            unsafe { qgemm::qgemm_raw(kern, m, acts, w, &epi, yp.0.add(p0), len - p0, 1, ohw, false) }
+        })?;
+    }
+    let mut shape = x.shape().to_vec();
+    shape[1] = w.n;
+    shape[2] = g.oh;
+    shape[3] = g.ow;
+    Ok(vec![Tensor::from_vec(&shape, y)?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_runtime::manifest::{Attr, Step};
+
+    fn run(op: &str, attrs: Vec<Attr>, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+        let s = Step { op: op.into(), domain: "kiln".into(), opset: 1, attrs, outputs: vec![0], ..Default::default() };
+        match crate::cpu::registry().get("kiln", op) {
+            Some(crate::cpu::Kernel::Tensor(k)) => k(&OpCtx::new(&s, None), &inputs),
+            _ => panic!("no kernel for {op}"),
+        }
+    }
+
+    fn int(name: &str, i: i64) -> Attr {
+        Attr { name: name.into(), i, ..Default::default() }
+    }
+
+    fn ints(name: &str, v: &[i64]) -> Attr {
+        Attr { name: name.into(), ints: v.to_vec(), ..Default::default() }
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn vals(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn packed_inputs(q: &qgemm::QWeights, bias: &[f32]) -> Vec<Option<Tensor>> {
+        vec![
+            Some(Tensor::from_vec(&[q.packed.len()], q.packed.clone()).unwrap()),
+            Some(Tensor::from_vec(&[q.n], q.scale.clone()).unwrap()),
+            Some(Tensor::from_vec(&[q.n], q.sum.clone()).unwrap()),
+            Some(Tensor::from_vec(&[q.n], bias.to_vec()).unwrap()),
+        ]
+    }
+
+    /// Largest |got - want| relative to the largest |want|.
+    fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+        let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / peak
+    }
+
+    #[test]
+    fn matmul_int8_dynamic_and_static_match_float() {
+        let (m, k, n) = (5, 70, 19);
+        let a = vals(m * k, 1);
+        let w = vals(k * n, 2);
+        let bias = vals(n, 3);
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = bias[j] + (0..k).map(|p| a[i * k + p] * w[p * n + j]).sum::<f32>();
+            }
+        }
+        let q = qgemm::quantize_weights(&w, k, n, n, 1).unwrap();
+        let mut ins = vec![Some(Tensor::from_vec(&[m, k], a.clone()).unwrap())];
+        ins.extend(packed_inputs(&q, &bias));
+        let dynamic = run("MatMulInt8", vec![int("k", k as i64)], ins.clone()).unwrap().remove(0);
+        assert_eq!(dynamic.shape(), &[m, n]);
+        assert!(rel_err(dynamic.view::<f32>().unwrap(), &want) < 0.02);
+        let (s, z) = qgemm::u8_params(-1.0, 1.0);
+        let attrs = vec![int("k", k as i64), Attr { name: "a_scale".into(), f: s, ..Default::default() }, int("a_zero", z as i64)];
+        let fixed = run("MatMulInt8", attrs, ins.clone()).unwrap().remove(0);
+        assert!(rel_err(fixed.view::<f32>().unwrap(), &want) < 0.02);
+        // Wrong K for the packed weights is an error, not a panic.
+        assert!(run("MatMulInt8", vec![int("k", 69)], ins).is_err());
+    }
+
+    #[test]
+    fn conv_int8_matches_float_conv() {
+        let (c, h, wd, co, kh, kw) = (3usize, 7usize, 6usize, 4usize, 3usize, 3usize);
+        let x = vals(c * h * wd, 4);
+        let wt = vals(co * c * kh * kw, 5);
+        let bias = vals(co, 6);
+        // Reference: stride 1, pad 1.
+        let mut want = vec![0f32; co * h * wd];
+        for o in 0..co {
+            for y in 0..h {
+                for xx in 0..wd {
+                    let mut acc = bias[o];
+                    for ci in 0..c {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let (iy, ix) = (y as isize + ky as isize - 1, xx as isize + kx as isize - 1);
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                                    acc += x[(ci * h + iy as usize) * wd + ix as usize] * wt[((o * c + ci) * kh + ky) * kw + kx];
+                                }
+                            }
+                        }
+                    }
+                    want[(o * h + y) * wd + xx] = acc;
+                }
+            }
+        }
+        // Weights as the kernel reads them: K = (ky·kw + kx)·cp + ci, zero for padded channels.
+        let cp = qgemm::padded_k(c);
+        let kk = kh * kw * cp;
+        let mut wm = vec![0f32; kk * co];
+        for o in 0..co {
+            for ci in 0..c {
+                for t in 0..kh * kw {
+                    wm[(t * cp + ci) * co + o] = wt[(o * c + ci) * kh * kw + t];
+                }
+            }
+        }
+        let q = qgemm::quantize_weights(&wm, kk, co, co, 1).unwrap();
+        let mut ins = vec![Some(Tensor::from_vec(&[1, c, h, wd], x).unwrap())];
+        ins.extend(packed_inputs(&q, &bias));
+        let attrs = vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1]), int("channels", c as i64)];
+        let y = run("ConvInt8", attrs, ins).unwrap().remove(0);
+        assert_eq!(y.shape(), &[1, co, h, wd]);
+        assert!(rel_err(y.view::<f32>().unwrap(), &want) < 0.03);
+    }
+}
