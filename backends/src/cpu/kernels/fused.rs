@@ -24,7 +24,7 @@ pub fn register(r: &mut Registry) {
 
 /// The fused activation named by the node's attributes, as the GEMM epilogue's `Act` (one
 /// definition of each activation for GEMM epilogues and fused ops alike).
-fn act_from_ctx(ctx: &OpCtx) -> Result<Act> {
+pub(crate) fn act_from_ctx(ctx: &OpCtx) -> Result<Act> {
     let p = ctx.attr_floats("activation_params").unwrap_or_default();
     let at = |i: usize, d: f32| p.get(i).copied().unwrap_or(d);
     Ok(match ctx.attr_s("activation", "").as_str() {

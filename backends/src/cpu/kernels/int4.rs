@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use kiln_runtime::{DType, Error, Result, Tensor};
 
 use crate::cpu::ctx::OpCtx;
+use crate::cpu::kernels::fused::act_from_ctx;
 use crate::cpu::gemm::{apply_act, Act};
 use crate::cpu::isa::{self, Isa};
 use crate::cpu::registry::Registry;
@@ -297,24 +298,6 @@ pub fn dequantize_matmul(w: &Int4Weight, k: usize, n: usize, block: usize) -> Re
 // MatMulInt4
 // ---------------------------------------------------------------------------------------------
 
-/// The fused activation named by the node's attributes (same attributes as kiln.FusedMatMul).
-fn act_from_ctx(ctx: &OpCtx) -> Result<Act> {
-    let p = ctx.attr_floats("activation_params").unwrap_or_default();
-    let at = |i: usize, d: f32| p.get(i).copied().unwrap_or(d);
-    Ok(match ctx.attr_s("activation", "").as_str() {
-        "" => Act::None,
-        "Relu" => Act::Relu,
-        "Sigmoid" => Act::Sigmoid,
-        "Tanh" => Act::Tanh,
-        "HardSwish" => Act::HardSwish,
-        "LeakyRelu" => Act::LeakyRelu(at(0, 0.01)),
-        "HardSigmoid" => Act::HardSigmoid(at(0, 0.2), at(1, 0.5)),
-        "Gelu" => Act::GeluErf,
-        "GeluTanh" => Act::GeluTanh,
-        "Clip" => Act::Clip(at(0, f32::MIN), at(1, f32::MAX)),
-        a => return Err(ctx.unsupported(format!("activation '{a}'"))),
-    })
-}
 
 fn dim_attr(ctx: &OpCtx, name: &str) -> Result<usize> {
     match ctx.attr_i_opt(name) {

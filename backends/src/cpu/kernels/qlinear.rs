@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use kiln_runtime::{DType, Error, Result, Tensor};
 
 use crate::cpu::ctx::OpCtx;
-use crate::cpu::gemm::Act;
+use crate::cpu::kernels::fused::act_from_ctx;
 use crate::cpu::isa;
 use crate::cpu::kernels::pool::spatial_geometry;
 use crate::cpu::qgemm::{self, PackedRef, QActs, QEpilogue, QKernel};
@@ -31,24 +31,6 @@ pub fn register(r: &mut Registry) {
     r.add_in("kiln", "ConvInt8", conv_int8);
 }
 
-/// The fused activation (same attributes and names as kiln.FusedMatMul).
-fn act_from_ctx(ctx: &OpCtx) -> Result<Act> {
-    let p = ctx.attr_floats("activation_params").unwrap_or_default();
-    let at = |i: usize, d: f32| p.get(i).copied().unwrap_or(d);
-    Ok(match ctx.attr_s("activation", "").as_str() {
-        "" => Act::None,
-        "Relu" => Act::Relu,
-        "Sigmoid" => Act::Sigmoid,
-        "Tanh" => Act::Tanh,
-        "HardSwish" => Act::HardSwish,
-        "LeakyRelu" => Act::LeakyRelu(at(0, 0.01)),
-        "HardSigmoid" => Act::HardSigmoid(at(0, 0.2), at(1, 0.5)),
-        "Gelu" => Act::GeluErf,
-        "GeluTanh" => Act::GeluTanh,
-        "Clip" => Act::Clip(at(0, f32::MIN), at(1, f32::MAX)),
-        a => return Err(ctx.unsupported(format!("activation '{a}'"))),
-    })
-}
 
 fn typed<'a>(ctx: &OpCtx, inputs: &'a [Option<Tensor>], i: usize, dtype: DType) -> Result<&'a Tensor> {
     let t = ctx.input(inputs, i)?;
