@@ -4,17 +4,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::cpu::isa::available;
+use crate::cpu::kernels::elementwise::testing::rand_f32;
 
-/// Deterministic values in [-1, 1).
-fn fill(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn act_ref(x: f64, act: Act) -> f64 {
     let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
@@ -66,11 +57,11 @@ struct Case {
 
 fn run_case(isa: Isa, t: &Case) -> std::result::Result<(), String> {
     let Case { m, n, k, .. } = *t;
-    let a_data = fill(m * k, 1 + (m * 31 + k) as u64);
-    let b_data = fill(k * n, 2 + (k * 17 + n) as u64);
-    let bias = fill(n, 3);
+    let a_data = rand_f32(m * k, 1 + (m * 31 + k) as u64, 1.0);
+    let b_data = rand_f32(k * n, 2 + (k * 17 + n) as u64, 1.0);
+    let bias = rand_f32(n, 3, 1.0);
     let ldc = n + t.extra_ldc;
-    let c0 = fill(m.max(1) * ldc, 4);
+    let c0 = rand_f32(m.max(1) * ldc, 4, 1.0);
     // A is m×k; stored transposed (k×m row-major) when trans_a.
     let a = if t.trans_a { MatRef::cols(&a_data, m) } else { MatRef::rows(&a_data, k) };
     let b = if t.trans_b { MatRef::cols(&b_data, k) } else { MatRef::rows(&b_data, n) };
@@ -201,7 +192,7 @@ fn bad_operands_are_errors() {
 #[test]
 fn packed_b_round_trips_and_relays() {
     let isa = crate::cpu::isa::best();
-    let b = fill(37 * 41, 9);
+    let b = rand_f32(37 * 41, 9, 1.0);
     let p = PackedB::new(isa, MatRef::rows(&b, 41), 37, 41).unwrap();
     assert_eq!(p.as_bytes().as_ptr() as usize % 64, 0);
     let q = PackedB::from_bytes(p.as_bytes()).unwrap();
@@ -212,7 +203,7 @@ fn packed_b_round_trips_and_relays() {
     }
     // Packed for another ISA (e.g. an artifact from another machine): relaid on use.
     let other = PackedB::new(Isa::Neon, MatRef::rows(&b, 41), 37, 41).unwrap();
-    let a = fill(5 * 37, 10);
+    let a = rand_f32(5 * 37, 10, 1.0);
     let mut c1 = vec![0f32; 5 * 41];
     let mut c2 = vec![0f32; 5 * 41];
     sgemm(5, 41, 37, MatRef::rows(&a, 37), BRef::Packed(&other), &mut c1, 41, false, &Epilogue::NONE, false).unwrap();
@@ -283,7 +274,7 @@ fn skinny_every_layout_and_tail() {
 
 #[test]
 fn packed_view_in_place() {
-    let b = fill(19 * 70, 21);
+    let b = rand_f32(19 * 70, 21, 1.0);
     for isa in available() {
         let p = PackedB::new(isa, MatRef::rows(&b, 70), 19, 70).unwrap();
         let bytes = p.as_bytes();
@@ -307,7 +298,7 @@ fn packed_view_in_place() {
         bad[8] = 9; // ISA code
         assert!(PackedView::from_bytes(&bad).is_err());
         // A view with the wrong shape for the product is an error.
-        let a = fill(2 * 19, 22);
+        let a = rand_f32(2 * 19, 22, 1.0);
         let mut c = vec![0f32; 2 * 71];
         let r = sgemm_with(isa, 2, 71, 19, MatRef::rows(&a, 19), BRef::PackedView(v), &mut c, 71, false, &Epilogue::NONE, false);
         assert!(r.is_err());

@@ -295,14 +295,11 @@ fn softmax_row(v: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_runtime::manifest::{Attr, Step};
+    use crate::cpu::kernels::elementwise::testing::{rand_f32, run_kiln};
+    use kiln_runtime::manifest::Attr;
 
     fn run(attrs: Vec<Attr>, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
-        let s = Step { op: "Attention".into(), domain: "kiln".into(), opset: 1, attrs, outputs: vec![0], ..Default::default() };
-        match crate::cpu::registry().get("kiln", "Attention") {
-            Some(crate::cpu::Kernel::Tensor(k)) => k(&OpCtx::new(&s, None), &inputs),
-            _ => panic!("no kernel"),
-        }
+        run_kiln("Attention", attrs, inputs)
     }
 
     fn ints(name: &str, v: &[i64]) -> Attr {
@@ -313,15 +310,6 @@ mod tests {
         Attr { name: name.into(), f, ..Default::default() }
     }
 
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
-            .collect()
-    }
 
     /// Element of `t` (row-major `shape`) at logical index `idx` of Transpose(t, perm).
     fn at(t: &[f32], shape: &[usize], perm: &[usize; 4], idx: [usize; 4]) -> f32 {
@@ -384,8 +372,8 @@ mod tests {
 
     fn check(c: Case) {
         let n = |s: &Vec<usize>| s.iter().product::<usize>();
-        let (q, k, v) = (data(n(&c.q.0), 1), data(n(&c.k.0), 2), data(n(&c.v.0), 3));
-        let mask = c.mask.as_ref().map(|m| data(n(m), 4).into_iter().map(|x| if x < -1.5 { -10000.0 } else { x }).collect::<Vec<_>>());
+        let (q, k, v) = (rand_f32(n(&c.q.0), 1, 2.0), rand_f32(n(&c.k.0), 2, 2.0), rand_f32(n(&c.v.0), 3, 2.0));
+        let mask = c.mask.as_ref().map(|m| rand_f32(n(m), 4, 2.0).into_iter().map(|x| if x < -1.5 { -10000.0 } else { x }).collect::<Vec<_>>());
         let (want_shape, want) = reference(&c, &q, &k, &v, mask.as_deref());
         let p = |x: &[usize; 4]| x.iter().map(|&a| a as i64).collect::<Vec<_>>();
         let attrs = vec![

@@ -656,7 +656,7 @@ pub fn register(r: &mut Registry) {
     r.add("Where", where_);
 }
 
-/// Helpers for the kernel unit tests of this file, unary.rs, logic.rs and cast.rs.
+/// Helpers for the kernel unit tests (this file's and the other kernels').
 #[cfg(test)]
 pub(crate) mod testing {
     use kiln_runtime::manifest::{Attr, AttrKind, Step};
@@ -667,10 +667,21 @@ pub(crate) mod testing {
 
     pub(crate) fn run(op: &str, opset: i64, attrs: Vec<Attr>, inputs: Vec<Option<Tensor>>) -> Result<Tensor> {
         let step = Step { op: op.into(), opset, outputs: vec![0], attrs, ..Default::default() };
-        match registry().get("", op) {
-            Some(Kernel::Tensor(k)) => Ok(k(&OpCtx::new(&step, None), &inputs)?.remove(0)),
-            _ => panic!("no tensor kernel for {op}"),
+        Ok(run_step(&step, &inputs)?.remove(0))
+    }
+
+    /// Run the tensor kernel registered for `step`'s domain and op.
+    pub(crate) fn run_step(step: &Step, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+        match registry().get(&step.domain, &step.op) {
+            Some(Kernel::Tensor(k)) => k(&OpCtx::new(step, None), inputs),
+            _ => panic!("no tensor kernel for {}:{}", step.domain, step.op),
         }
+    }
+
+    /// Run a kiln-domain op (opset 1) with one output.
+    pub(crate) fn run_kiln(op: &str, attrs: Vec<Attr>, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+        let step = Step { op: op.into(), domain: "kiln".into(), opset: 1, attrs, outputs: vec![0], ..Default::default() };
+        run_step(&step, &inputs)
     }
 
     pub(crate) fn ai(name: &str, i: i64) -> Attr {

@@ -141,15 +141,9 @@ fn fused_conv(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_runtime::manifest::{Attr, Step};
+    use crate::cpu::kernels::elementwise::testing::run_kiln as run;
+    use kiln_runtime::manifest::Attr;
 
-    fn run(op: &str, attrs: Vec<Attr>, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
-        let s = Step { op: op.into(), domain: "kiln".into(), opset: 1, attrs, outputs: vec![0], ..Default::default() };
-        match crate::cpu::registry().get("kiln", op) {
-            Some(crate::cpu::Kernel::Tensor(k)) => k(&OpCtx::new(&s, None), &inputs),
-            _ => panic!("no kernel"),
-        }
-    }
 
     fn act(name: &str, params: Vec<f32>) -> Vec<Attr> {
         vec![

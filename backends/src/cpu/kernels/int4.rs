@@ -730,18 +730,9 @@ mod tests {
     use super::*;
     use crate::cpu::gemm::act_scalar;
     use crate::cpu::isa::available;
+    use crate::cpu::kernels::elementwise::testing::rand_f32;
     use kiln_runtime::manifest::{Attr, Step};
 
-    /// Deterministic values in [-1, 1).
-    fn fill(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     const FORMATS: [Int4Format; 4] = [
         Int4Format { block: 32, zero_points: false, f16_scales: true },
@@ -801,7 +792,7 @@ mod tests {
     fn quantization_error_is_within_half_a_step() {
         for f in FORMATS {
             let (k, n) = (77, 21);
-            let w = fill(k * n, 3);
+            let w = rand_f32(k * n, 3, 1.0);
             let q = quantize_matmul(&w, k, n, &f).unwrap();
             let dq = dequant_by_definition(&q, k, n, &f);
             assert_eq!(dequantize_matmul(&q, k, n, f.block).unwrap(), dq);
@@ -839,9 +830,9 @@ mod tests {
         let acts = [Act::None, Act::Relu, Act::GeluErf];
         for (si, &(m, k, n)) in shapes.iter().enumerate() {
             for (fi, f) in FORMATS.iter().enumerate() {
-                let w = fill(k * n, (si * 7 + fi) as u64);
-                let a = fill(m * k, 100 + si as u64);
-                let bias = fill(n, 200 + si as u64);
+                let w = rand_f32(k * n, (si * 7 + fi) as u64, 1.0);
+                let a = rand_f32(m * k, 100 + si as u64, 1.0);
+                let bias = rand_f32(n, 200 + si as u64, 1.0);
                 let q = quantize_matmul(&w, k, n, f).unwrap();
                 let wdq = dequant_by_definition(&q, k, n, f);
                 let weights = Weights::new(k, n, f.block, &q.data, &q.scales, q.zero_points.as_ref()).unwrap();
@@ -877,9 +868,9 @@ mod tests {
     fn matmul_node_keeps_leading_dims_and_rejects_bad_inputs() {
         let (k, n) = (40, 9);
         let f = FORMATS[1];
-        let q = quantize_matmul(&fill(k * n, 1), k, n, &f).unwrap();
-        let a = Tensor::from_vec(&[2, 3, k], fill(6 * k, 2)).unwrap();
-        let bias = Tensor::from_vec(&[n], fill(n, 3)).unwrap();
+        let q = quantize_matmul(&rand_f32(k * n, 1, 1.0), k, n, &f).unwrap();
+        let a = Tensor::from_vec(&[2, 3, k], rand_f32(6 * k, 2, 1.0)).unwrap();
+        let bias = Tensor::from_vec(&[n], rand_f32(n, 3, 1.0)).unwrap();
         let s = step("MatMulInt4", &[("K", k as i64), ("N", n as i64), ("block_size", 64)], &[("activation", "Relu")]);
         let ins = |a: &Tensor, b: Option<Tensor>| vec![Some(a.clone()), Some(q.data.clone()), Some(q.scales.clone()), q.zero_points.clone(), b];
         let y = run(&s, ins(&a, Some(bias.clone()))).unwrap();
@@ -887,9 +878,9 @@ mod tests {
         let want = reference(a.view::<f32>().unwrap(), 6, &dequant_by_definition(&q, k, n, &f), k, n, Some(bias.view::<f32>().unwrap()), Act::Relu);
         close(y[0].view::<f32>().unwrap(), &want, "node");
         // Wrong K, wrong bias length, wrong block size, wrong A dtype, unknown activation.
-        let a_bad = Tensor::from_vec(&[2, k + 1], fill(2 * k + 2, 2)).unwrap();
+        let a_bad = Tensor::from_vec(&[2, k + 1], rand_f32(2 * k + 2, 2, 1.0)).unwrap();
         assert!(run(&s, ins(&a_bad, None)).is_err());
-        assert!(run(&s, ins(&a, Some(Tensor::from_vec(&[n + 1], fill(n + 1, 3)).unwrap()))).is_err());
+        assert!(run(&s, ins(&a, Some(Tensor::from_vec(&[n + 1], rand_f32(n + 1, 3, 1.0)).unwrap()))).is_err());
         let s32 = step("MatMulInt4", &[("K", k as i64), ("N", n as i64), ("block_size", 32)], &[]);
         assert!(run(&s32, ins(&a, None)).is_err());
         assert!(run(&s, ins(&Tensor::from_vec(&[1, k], vec![0f64; k]).unwrap(), None)).is_err());
@@ -903,7 +894,7 @@ mod tests {
     fn gather_dequantizes_rows_and_checks_indices() {
         for f in FORMATS {
             let (rows, dim) = (11, 75);
-            let t = fill(rows * dim, 9);
+            let t = rand_f32(rows * dim, 9, 1.0);
             let q = quantize_table(&t, rows, dim, &f).unwrap();
             let s = step("GatherInt4", &[("dim", dim as i64), ("block_size", f.block as i64)], &[]);
             let idx = Tensor::from_vec(&[2, 2], vec![0i64, 10, -1, 4]).unwrap();

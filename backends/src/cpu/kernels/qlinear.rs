@@ -263,15 +263,8 @@ fn conv_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_runtime::manifest::{Attr, Step};
-
-    fn run(op: &str, attrs: Vec<Attr>, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
-        let s = Step { op: op.into(), domain: "kiln".into(), opset: 1, attrs, outputs: vec![0], ..Default::default() };
-        match crate::cpu::registry().get("kiln", op) {
-            Some(crate::cpu::Kernel::Tensor(k)) => k(&OpCtx::new(&s, None), &inputs),
-            _ => panic!("no kernel for {op}"),
-        }
-    }
+    use kiln_runtime::manifest::Attr;
+    use crate::cpu::kernels::elementwise::testing::{rand_f32, run_kiln as run};
 
     fn int(name: &str, i: i64) -> Attr {
         Attr { name: name.into(), i, ..Default::default() }
@@ -281,18 +274,6 @@ mod tests {
         Attr { name: name.into(), ints: v.to_vec(), ..Default::default() }
     }
 
-    /// Deterministic values in [-1, 1).
-    fn vals(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     fn packed_inputs(q: &qgemm::QWeights, bias: &[f32]) -> Vec<Option<Tensor>> {
         vec![
@@ -312,9 +293,9 @@ mod tests {
     #[test]
     fn matmul_int8_dynamic_and_static_match_float() {
         let (m, k, n) = (5, 70, 19);
-        let a = vals(m * k, 1);
-        let w = vals(k * n, 2);
-        let bias = vals(n, 3);
+        let a = rand_f32(m * k, 1, 1.0);
+        let w = rand_f32(k * n, 2, 1.0);
+        let bias = rand_f32(n, 3, 1.0);
         let mut want = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -338,9 +319,9 @@ mod tests {
     #[test]
     fn conv_int8_matches_float_conv() {
         let (c, h, wd, co, kh, kw) = (3usize, 7usize, 6usize, 4usize, 3usize, 3usize);
-        let x = vals(c * h * wd, 4);
-        let wt = vals(co * c * kh * kw, 5);
-        let bias = vals(co, 6);
+        let x = rand_f32(c * h * wd, 4, 1.0);
+        let wt = rand_f32(co * c * kh * kw, 5, 1.0);
+        let bias = rand_f32(co, 6, 1.0);
         // Reference: stride 1, pad 1.
         let mut want = vec![0f32; co * h * wd];
         for o in 0..co {

@@ -4,17 +4,8 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::cpu::kernels::elementwise::testing::rand_f32;
 
-/// Deterministic values in [-1, 1).
-fn fill(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// Unpack panels back to a row-major K×N i8 matrix.
 fn unpack(w: &QWeights) -> Vec<i8> {
@@ -52,9 +43,9 @@ fn close(got: &[f32], want: &[f32], what: &str) {
 
 #[allow(clippy::too_many_arguments)]
 fn check_case(m: usize, k: usize, n: usize, per_row: bool, bias: bool, act: Act, transposed: bool, seed: u64) {
-    let wf = fill(k * n, seed);
+    let wf = rand_f32(k * n, seed, 1.0);
     let w = quantize_weights(&wf, k, n, n, 1).unwrap();
-    let af: Vec<f32> = fill(m * k, seed + 1).iter().map(|x| x * 3.0 + 0.5).collect();
+    let af: Vec<f32> = rand_f32(m * k, seed + 1, 1.0).iter().map(|x| x * 3.0 + 0.5).collect();
     let (qa, sa, za) = if per_row {
         quantize_rows(&af, m, k)
     } else {
@@ -68,7 +59,7 @@ fn check_case(m: usize, k: usize, n: usize, per_row: bool, bias: bool, act: Act,
         (q, vec![s], vec![z])
     };
     let ld = if per_row { padded_k(k) } else { padded_k(k) + 8 };
-    let bv = fill(n, seed + 2);
+    let bv = rand_f32(n, seed + 2, 1.0);
     let bias = bias.then_some(bv.as_slice());
     let want = reference(m, &qa, ld, &sa, &za, &w, bias, act);
     for kern in QKernel::available() {
@@ -131,7 +122,7 @@ fn quantizers() {
 
 #[test]
 fn rejects_bad_operands() {
-    let w = quantize_weights(&fill(12, 1), 3, 4, 4, 1).unwrap();
+    let w = quantize_weights(&rand_f32(12, 1, 1.0), 3, 4, 4, 1).unwrap();
     let qa = vec![0u8; 4];
     let mut out = vec![0f32; 8];
     let epi = QEpilogue { bias: None, act: Act::None };
