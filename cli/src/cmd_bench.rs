@@ -1,5 +1,7 @@
 //! `kiln bench MODEL --inputs DIR`: load time, first-run time, steady-state latency
-//! (median / p90 / min over `--iters` runs after `--warmup`), and peak memory.
+//! (median / p90 / min over `--iters` runs after `--warmup`), and peak memory. With `--profile`,
+//! another `--iters` runs (after the timed ones, so the clock reads do not skew them) give the
+//! time per op type.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,6 +31,9 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also time every op (in extra runs) and print where the time goes, per op type.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Peak resident set size of this process in MB (Linux: VmHWM).
@@ -81,6 +86,7 @@ pub fn run(a: Args) -> Result<()> {
     let min = times[0];
     let rss = peak_rss_mb();
     let arena_mb = session.peak_bytes() as f64 / 1e6;
+    let profile = if a.profile { Some(profile_runs(&mut session, &values, a.iters)?) } else { None };
     if a.json {
         let j = serde_json::json!({
             "model": a.model, "backend": loaded.model.backend_name(), "threads": a.threads,
@@ -89,6 +95,16 @@ pub fn run(a: Args) -> Result<()> {
             "median_ms": median, "p90_ms": p90, "min_ms": min,
             "peak_rss_mb": rss, "peak_intermediate_mb": arena_mb,
         });
+        let mut j = j;
+        if let Some((wall, ops)) = &profile {
+            j["profile"] = serde_json::json!({
+                "run_ms": wall,
+                "ops": ops.iter().map(|o| serde_json::json!({
+                    "op": o.op, "calls_per_run": o.calls as f64 / a.iters as f64,
+                    "ms_per_run": o.nanos as f64 / 1e6 / a.iters as f64,
+                })).collect::<Vec<_>>(),
+            });
+        }
         println!("{j}");
     } else {
         println!("model      {} on {}", a.model.display(), loaded.model.backend_name());
@@ -96,6 +112,32 @@ pub fn run(a: Args) -> Result<()> {
         println!("first run  {first_ms:.3} ms");
         println!("latency    median {median:.3} ms, p90 {p90:.3} ms, min {min:.3} ms ({} runs)", a.iters);
         println!("memory     peak RSS {rss:.1} MB, peak intermediates {arena_mb:.1} MB");
+        if let Some((wall, ops)) = &profile {
+            let n = a.iters as f64;
+            println!("profile    {wall:.3} ms per profiled run (ops inside If/Loop/Scan count also in their own row)");
+            println!("  {:<28} {:>9} {:>11} {:>6}", "op", "calls/run", "ms/run", "%");
+            for o in ops {
+                let ms = o.nanos as f64 / 1e6 / n;
+                println!("  {:<28} {:>9.1} {:>11.4} {:>5.1}%", o.op, o.calls as f64 / n, ms, 100.0 * ms / wall);
+            }
+        }
     }
     Ok(())
+}
+
+/// `iters` runs with op timing on: (mean wall ms per run, per-op totals over all of them).
+fn profile_runs(
+    session: &mut kiln_runtime::Session,
+    values: &[kiln_runtime::Value],
+    iters: usize,
+) -> Result<(f64, Vec<kiln_runtime::OpTime>)> {
+    session.set_profiling(true);
+    let t = Instant::now();
+    for _ in 0..iters {
+        session.run_values(values.to_vec())?;
+    }
+    let wall = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    let ops = session.profile();
+    session.set_profiling(false);
+    Ok((wall, ops))
 }

@@ -31,4 +31,19 @@ pub trait Executable: Send + Sync {
     fn peak_bytes(&self, _state: &SessionState) -> usize {
         0
     }
+    /// Start (or stop) timing every op of this state's runs; a backend that cannot profile
+    /// ignores it.
+    fn set_profiling(&self, _state: &mut SessionState, _on: bool) {}
+    /// Time spent per op type since profiling was switched on, most expensive first.
+    fn profile(&self, _state: &SessionState) -> Vec<OpTime> {
+        Vec::new()
+    }
+}
+
+/// Accumulated time of one op type (domain-qualified for non-ONNX ops, e.g. "kiln.Attention").
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpTime {
+    pub op: String,
+    pub calls: u64,
+    pub nanos: u64,
 }

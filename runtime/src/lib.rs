@@ -23,7 +23,7 @@ pub mod tensor;
 pub mod value;
 
 pub use artifact::Artifact;
-pub use backend::{Backend, Executable, SessionState};
+pub use backend::{Backend, Executable, OpTime, SessionState};
 pub use dtype::{DType, Elem};
 pub use error::{err, Error, Result};
 pub use model::{Model, Session};

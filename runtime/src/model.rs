@@ -113,6 +113,16 @@ impl Session {
     pub fn peak_bytes(&self) -> usize {
         self.model.exec.peak_bytes(&self.state)
     }
+
+    /// Time every op of the following runs (costs a clock read per op).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.model.exec.set_profiling(&mut self.state, on)
+    }
+
+    /// Time per op type accumulated while profiling was on, most expensive first.
+    pub fn profile(&self) -> Vec<crate::backend::OpTime> {
+        self.model.exec.profile(&self.state)
+    }
 }
 
 /// Kernels take typed views, which need aligned data; a tensor decoded in place from a file may

@@ -36,6 +36,9 @@ pub struct Prepared {
 pub struct Stats {
     pub live_bytes: usize,
     pub peak_bytes: usize,
+    /// When set, (calls, nanoseconds) per op type; steps inside subgraphs count on their own and
+    /// in their control-flow op.
+    pub profile: Option<std::collections::HashMap<String, (u64, u64)>>,
 }
 
 fn value_bytes(v: &Value) -> usize {
@@ -148,9 +151,16 @@ impl Prepared {
         let mut taken = Vec::new();
         for (i, step) in p.steps.iter().enumerate() {
             taken.clear();
+            let t0 = stats.profile.is_some().then(std::time::Instant::now);
             let outs = self
                 .run_step(i, step, artifact, &mut frame, stats, &mut taken)
                 .map_err(|e| e.at_node(&step.op, &step.name))?;
+            if let (Some(t0), Some(prof)) = (t0, stats.profile.as_mut()) {
+                let key = if step.domain.is_empty() { step.op.clone() } else { format!("{}.{}", step.domain, step.op) };
+                let e = prof.entry(key).or_default();
+                e.0 += 1;
+                e.1 += t0.elapsed().as_nanos() as u64;
+            }
             // While the kernel ran, its inputs and its new outputs were live; an output written
             // into a moved-in input's buffer adds nothing.
             let before = stats.live_bytes;

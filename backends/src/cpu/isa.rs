@@ -225,3 +225,39 @@ mod tests {
         assert!(active().supported());
     }
 }
+
+/// Run `f` compiled for the active SIMD ISA: the closure, and the `#[inline(always)]` math it
+/// calls, are inlined into a `#[target_feature]` function, so its loops vectorise to the widest
+/// lanes the CPU has instead of the SSE2 baseline. Only code that is inlined gets the features:
+/// mark the closure `#[inline(always)]` (an unmarked closure with a loop stays out of line, compiled
+/// for the baseline), and likewise the functions it calls, and prefer `for` loops to `for_each`.
+#[inline(always)]
+pub(crate) fn with_isa<R>(f: impl FnOnce() -> R) -> R {
+    with_isa_of(active(), f)
+}
+
+/// `with_isa` for a given ISA (a kernel chosen explicitly, as tests and benchmarks do).
+/// An ISA this CPU lacks runs the portable build.
+#[inline(always)]
+pub(crate) fn with_isa_of<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    match isa {
+        // SAFETY: checked just before.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.supported() => unsafe { on_avx512(f) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma if isa.supported() => unsafe { on_avx2(f) },
+        _ => f(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")]
+unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kiln_runtime::{Artifact, Backend, Executable, Result, SessionState, Value};
+use kiln_runtime::{Artifact, Backend, Executable, OpTime, Result, SessionState, Value};
 
 pub mod ctx;
 mod control_flow;
@@ -67,6 +67,7 @@ struct CpuExecutable {
 #[derive(Default)]
 struct CpuState {
     peak_bytes: usize,
+    profile: Option<std::collections::HashMap<String, (u64, u64)>>,
 }
 
 impl Executable for CpuExecutable {
@@ -76,15 +77,32 @@ impl Executable for CpuExecutable {
 
     fn run(&self, state: &mut SessionState, inputs: Vec<Value>) -> Result<Vec<Value>> {
         let state = state.downcast_mut::<CpuState>().expect("state made by this executable");
-        let mut stats = interp::Stats::default();
+        let mut stats = interp::Stats { profile: state.profile.take(), ..Default::default() };
         let out = self.pool.install(|| {
             self.program.run(Some(&self.artifact), inputs, &[], &mut stats)
-        })?;
+        });
+        state.profile = stats.profile;
         state.peak_bytes = stats.peak_bytes;
-        Ok(out)
+        out
     }
 
     fn peak_bytes(&self, state: &SessionState) -> usize {
         state.downcast_ref::<CpuState>().map(|s| s.peak_bytes).unwrap_or(0)
+    }
+
+    fn set_profiling(&self, state: &mut SessionState, on: bool) {
+        if let Some(s) = state.downcast_mut::<CpuState>() {
+            s.profile = on.then(Default::default);
+        }
+    }
+
+    fn profile(&self, state: &SessionState) -> Vec<OpTime> {
+        let Some(prof) = state.downcast_ref::<CpuState>().and_then(|s| s.profile.as_ref()) else {
+            return Vec::new();
+        };
+        let mut v: Vec<OpTime> =
+            prof.iter().map(|(op, &(calls, nanos))| OpTime { op: op.clone(), calls, nanos }).collect();
+        v.sort_by(|a, b| b.nanos.cmp(&a.nanos).then_with(|| a.op.cmp(&b.op)));
+        v
     }
 }

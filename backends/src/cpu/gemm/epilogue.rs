@@ -103,21 +103,43 @@ unsafe fn apply_rows(c: *mut f32, ldc: usize, rows: usize, n: usize, j0: usize, 
     }
 }
 
-/// The activation over a slice (the match is outside the loops so each loop vectorizes).
+/// The activation over a slice (the match is outside the loops so each loop vectorizes; plain `for`
+/// loops, because a `for_each` closure is a function of its own that may stay out of line and so
+/// lose the caller's `#[target_feature]`s).
 #[inline(always)]
 pub(crate) fn apply_act(row: &mut [f32], act: Act) {
     match act {
         Act::None => {}
-        Act::Relu => row.iter_mut().for_each(|x| *x = relu(*x)),
-        Act::Clip(lo, hi) => row.iter_mut().for_each(|x| *x = clip(*x, lo, hi)),
-        Act::LeakyRelu(a) => row.iter_mut().for_each(|x| *x = leaky_relu(*x, a)),
-        Act::Sigmoid => row.iter_mut().for_each(|x| *x = sigmoid(*x)),
-        Act::HardSigmoid(a, b) => row.iter_mut().for_each(|x| *x = hard_sigmoid(*x, a, b)),
-        Act::HardSwish => row.iter_mut().for_each(|x| *x = *x * hard_sigmoid(*x, 1.0 / 6.0, 0.5)),
-        Act::Silu => row.iter_mut().for_each(|x| *x = *x * sigmoid(*x)),
-        Act::Tanh => row.iter_mut().for_each(|x| *x = tanh(*x)),
-        Act::GeluErf => row.iter_mut().for_each(|x| *x = gelu_erf(*x)),
-        Act::GeluTanh => row.iter_mut().for_each(|x| *x = gelu_tanh(*x)),
+        Act::Relu => for x in row.iter_mut() {
+            *x = relu(*x);
+        },
+        Act::Clip(lo, hi) => for x in row.iter_mut() {
+            *x = clip(*x, lo, hi);
+        },
+        Act::LeakyRelu(a) => for x in row.iter_mut() {
+            *x = leaky_relu(*x, a);
+        },
+        Act::Sigmoid => for x in row.iter_mut() {
+            *x = sigmoid(*x);
+        },
+        Act::HardSigmoid(a, b) => for x in row.iter_mut() {
+            *x = hard_sigmoid(*x, a, b);
+        },
+        Act::HardSwish => for x in row.iter_mut() {
+            *x = *x * hard_sigmoid(*x, 1.0 / 6.0, 0.5);
+        },
+        Act::Silu => for x in row.iter_mut() {
+            *x = *x * sigmoid(*x);
+        },
+        Act::Tanh => for x in row.iter_mut() {
+            *x = tanh(*x);
+        },
+        Act::GeluErf => for x in row.iter_mut() {
+            *x = gelu_erf(*x);
+        },
+        Act::GeluTanh => for x in row.iter_mut() {
+            *x = gelu_tanh(*x);
+        },
     }
 }
 
@@ -214,7 +236,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     let x = clip(x, -87.33, 88.7);
     // Round to nearest by the 1.5·2^23 trick (SSE2 has no rounding instruction; no libm call).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = poly(r, &[
         1.000_000_000_554_583_3,
@@ -227,7 +250,9 @@ pub(crate) fn exp(x: f32) -> f32 {
     ]);
     // n + 127 ∈ [1, 255) after the clamp, so the scale is a normal power of two; splitting it in two
     // halves keeps n = 128 (x near 88.7) representable.
-    let ni = n as i32;
+    // n as an integer straight from t's mantissa bits: `n as i32` is a saturating cast that LLVM
+    // scalarizes (cvttss2si + NaN/overflow cmovs per lane), which made this function 8x slower.
+    let ni = t.to_bits() as i32 - MAGIC.to_bits() as i32;
     let h = ni >> 1;
     let s1 = f32::from_bits(((h + 127) as u32) << 23);
     let s2 = f32::from_bits(((ni - h + 127) as u32) << 23);
@@ -251,6 +276,7 @@ fn one_plus_erf(z: f32) -> f32 {
 }
 
 /// erf(x) with relative error near 1e-7.
+#[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let a = x.abs();
     let r = if a < 1.0 { a * erf_small(a * a) } else { 1.0 - erfc_large(a) };

@@ -206,7 +206,7 @@ impl Plan<'_> {
         let epi = Epilogue { alpha: self.scale, ..Epilogue::NONE };
         gemm::sgemm(m, sk, d, a, BRef::Mat(kt), &mut s, sk, false, &epi, false)?;
         let mask = self.mask.map(|(data, st)| (data, st, bi * st[0] + hi * st[1]));
-        with_isa(|| {
+        with_isa(#[inline(always)] || {
             for (i, row) in s.chunks_exact_mut(sk).enumerate() {
                 if let Some((data, st, base)) = mask {
                     add_mask_row(row, data, base + (r0 + i) * st[2], st[3]);

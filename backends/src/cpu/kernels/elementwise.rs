@@ -107,9 +107,9 @@ impl<const N: usize> Plan<N> {
         if out.len() >= 2 * PAR_CHUNK {
             out.par_chunks_mut(PAR_CHUNK)
                 .enumerate()
-                .for_each(|(i, chunk)| with_isa(|| self.run_range(chunk, i * PAR_CHUNK, &row)));
+                .for_each(|(i, chunk)| with_isa(#[inline(always)] || self.run_range(chunk, i * PAR_CHUNK, &row)));
         } else if !out.is_empty() {
-            with_isa(|| self.run_range(out, 0, &row));
+            with_isa(#[inline(always)] || self.run_range(out, 0, &row));
         }
     }
 
@@ -487,7 +487,12 @@ fn float_pow<T: Arith>(a: &Tensor, e: &Tensor) -> Result<Tensor> {
 
 /// `out[i] = f(inp[i])`, split across threads when large.
 pub(crate) fn par_map<A: Copy + Sync, O: Send>(inp: &[A], out: &mut [O], f: impl Fn(A) -> O + Sync) {
-    super::unary::transform(out, |s, o| o.iter_mut().zip(&inp[s..]).for_each(|(o, &x)| *o = f(x)));
+    super::unary::transform(out, #[inline(always)]
+    |s, o| {
+        for (o, &x) in o.iter_mut().zip(&inp[s..]) {
+            *o = f(x);
+        }
+    });
 }
 
 fn prelu(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {

@@ -359,7 +359,7 @@ fn layer_norm_f32(ctx: &OpCtx, inputs: &mut [Option<Tensor>]) -> Result<Option<V
     let rows = |y: &mut [f32], mean: &mut [f32], inv: &mut [f32]| {
         let rpt = rows_per_task(inner);
         let work = |(chunk, (ms, is)): (&mut [f32], (&mut [f32], &mut [f32]))| {
-            with_isa(|| {
+            with_isa(#[inline(always)] || {
                 for ((row, m), i) in chunk.chunks_mut(inner).zip(ms).zip(is) {
                     (*m, *i) = ln_row_f32(row, scale, bias, eps);
                 }

@@ -171,14 +171,16 @@ fn quantize_nhwc(x: &[f32], g: &ConvGeo, s: f32, z: i32, dst: &mut [u8]) {
     let hw = g.h * g.w;
     let (inv, zf) = (1.0 / s, z as f32);
     dst.par_chunks_mut(PIXEL_CHUNK * g.cp).enumerate().for_each(|(t, out)| {
-        let p0 = t * PIXEL_CHUNK;
-        let np = out.len() / g.cp;
-        for c in 0..g.c {
-            let src = &x[c * hw + p0..c * hw + p0 + np];
-            for (p, &v) in src.iter().enumerate() {
-                out[p * g.cp + c] = ((v * inv).round_ties_even() + zf).clamp(0.0, 255.0) as u8;
+        isa::with_isa(#[inline(always)] || {
+            let p0 = t * PIXEL_CHUNK;
+            let np = out.len() / g.cp;
+            for c in 0..g.c {
+                let src = &x[c * hw + p0..c * hw + p0 + np];
+                for (p, &v) in src.iter().enumerate() {
+                    out[p * g.cp + c] = qgemm::q_u8(v, inv, zf);
+                }
             }
-        }
+        })
     });
 }
 

@@ -66,7 +66,7 @@ fn softmax(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> 
 /// Softmax of every `dim`-long row of `y`, in place, rows split across the pool when many.
 fn rows_f32(y: &mut [f32], dim: usize) {
     let per_task = (GRAIN / dim).max(1);
-    let work = |chunk: &mut [f32]| with_isa(|| chunk.chunks_mut(dim).for_each(softmax_row_f32));
+    let work = |chunk: &mut [f32]| with_isa(#[inline(always)] || chunk.chunks_mut(dim).for_each(softmax_row_f32));
     if y.len() >= 2 * GRAIN {
         y.par_chunks_mut(dim * per_task).for_each(work);
     } else {

@@ -10,7 +10,6 @@ use super::cast::{cast_tensor, RoundMode};
 use super::elementwise::{par_map, Arith, OwnedKernel};
 use crate::cpu::ctx::OpCtx;
 use crate::cpu::gemm::{self, apply_act, Act};
-use crate::cpu::isa::{self, Isa};
 use crate::cpu::registry::Registry;
 
 /// Special functions std lacks, for the compute types.
@@ -19,8 +18,11 @@ trait Special: Copy {
 }
 
 impl Special for f32 {
+    /// The GEMM epilogue's polynomial erf (relative error near 1e-7): vectorises, where libm's
+    /// does not.
+    #[inline(always)]
     fn erf_(self) -> f32 {
-        libm::erff(self)
+        gemm::erf(self)
     }
 }
 
@@ -33,32 +35,7 @@ impl Special for f64 {
 // ---------------------------------------------------------------------------------------------
 // Execution: ISA dispatch, parallel split, in-place reuse of a dead input.
 
-/// Run `f` compiled for the active SIMD ISA: the closure, and the `#[inline(always)]` math it
-/// calls, are inlined into a `#[target_feature]` function, so its loops vectorise to the widest
-/// lanes the CPU has instead of the SSE2 baseline.
-#[inline(always)]
-pub(crate) fn with_isa<R>(f: impl FnOnce() -> R) -> R {
-    match isa::active() {
-        // SAFETY: `active()` only returns ISAs this CPU supports.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { on_avx512(f) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { on_avx2(f) },
-        _ => f(),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")]
-unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
+pub(crate) use crate::cpu::isa::with_isa;
 
 /// Elements per parallel task; smaller tensors stay on the calling thread (a rayon split costs
 /// more than mapping a few thousand elements).
@@ -68,12 +45,12 @@ pub(crate) const TASK: usize = 1 << 15;
 const BLOCK: usize = 2048;
 
 /// `f(start, chunk)` over `v` split into chunks (`start` = the chunk's offset in `v`), compiled
-/// for the active ISA, across the pool when `v` is large.
+/// for the active ISA (when `f` is an `#[inline(always)]` closure), across the pool when `v` is large.
 pub(crate) fn transform<T: Send>(v: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
     if v.len() >= 2 * TASK {
-        v.par_chunks_mut(TASK).enumerate().for_each(|(i, c)| with_isa(|| f(i * TASK, c)));
+        v.par_chunks_mut(TASK).enumerate().for_each(|(i, c)| with_isa(#[inline(always)] || f(i * TASK, c)));
     } else if !v.is_empty() {
-        with_isa(|| f(0, v));
+        with_isa(#[inline(always)] || f(0, v));
     }
 }
 
@@ -90,12 +67,22 @@ pub(crate) fn take_input(inputs: &mut [Option<Tensor>], i: usize) -> Result<Tens
 pub(crate) fn map_same<T: Elem>(x: Tensor, f: impl Fn(T) -> T + Sync) -> Result<Tensor> {
     let mut x = x;
     if x.is_unique() {
-        transform(x.view_mut::<T>()?, |_, c| c.iter_mut().for_each(|v| *v = f(*v)));
+        transform(x.view_mut::<T>()?, #[inline(always)]
+        |_, c| {
+            for v in c.iter_mut() {
+                *v = f(*v);
+            }
+        });
         return Ok(x);
     }
     let src = x.view::<T>()?;
     Tensor::filled_by::<T>(x.dtype(), x.shape(), |out| {
-        transform(out, |s, c| c.iter_mut().zip(&src[s..]).for_each(|(o, &v)| *o = f(v)));
+        transform(out, #[inline(always)]
+        |s, c| {
+            for (o, &v) in c.iter_mut().zip(&src[s..]) {
+                *o = f(v);
+            }
+        });
         Ok(())
     })
 }
@@ -105,12 +92,18 @@ pub(crate) fn map_same<T: Elem>(x: Tensor, f: impl Fn(T) -> T + Sync) -> Result<
 pub(crate) fn map_f32_slices(x: Tensor, f: impl Fn(&mut [f32]) + Sync) -> Result<Tensor> {
     let mut x = x;
     if x.is_unique() {
-        transform(x.view_mut::<f32>()?, |_, c| c.chunks_mut(BLOCK).for_each(&f));
+        transform(x.view_mut::<f32>()?, #[inline(always)]
+        |_, c| {
+            for b in c.chunks_mut(BLOCK) {
+                f(b);
+            }
+        });
         return Ok(x);
     }
     let src = x.view::<f32>()?;
     Tensor::filled_by::<f32>(DType::F32, x.shape(), |out| {
-        transform(out, |s, c| {
+        transform(out, #[inline(always)]
+        |s, c| {
             for (k, b) in c.chunks_mut(BLOCK).enumerate() {
                 let o = s + k * BLOCK;
                 b.copy_from_slice(&src[o..o + b.len()]);
@@ -123,7 +116,7 @@ pub(crate) fn map_f32_slices(x: Tensor, f: impl Fn(&mut [f32]) + Sync) -> Result
 
 /// One of the GEMM epilogue's vectorised activations over an f32 tensor.
 fn act_f32(x: Tensor, act: Act) -> Result<Tensor> {
-    map_f32_slices(x, move |b| apply_act(b, act))
+    map_f32_slices(x, #[inline(always)] move |b| apply_act(b, act))
 }
 
 /// exp(x) for f32 over the whole range, from the shared vectorisable `exp` (which clamps its
@@ -150,22 +143,22 @@ macro_rules! float_map {
         match x.dtype() {
             DType::F32 => {
                 type $R = f32;
-                map_same::<f32>(x, |$v: $R| $body)?
+                map_same::<f32>(x, #[inline(always)] |$v: $R| $body)?
             }
             DType::F64 => {
                 type $R = f64;
-                map_same::<f64>(x, |$v: $R| $body)?
+                map_same::<f64>(x, #[inline(always)] |$v: $R| $body)?
             }
             DType::F16 => {
                 type $R = f32;
-                map_same::<f16>(x, |h: f16| {
+                map_same::<f16>(x, #[inline(always)] |h: f16| {
                     let $v: $R = h.to_f32();
                     f16::from_f32($body)
                 })?
             }
             DType::BF16 => {
                 type $R = f32;
-                map_same::<bf16>(x, |h: bf16| {
+                map_same::<bf16>(x, #[inline(always)] |h: bf16| {
                     let $v: $R = h.to_f32();
                     bf16::from_f32($body)
                 })?
@@ -214,7 +207,7 @@ float_kernel!(cosh, R, |_c, v| {} => v.cosh());
 float_kernel!(asinh, R, |_c, v| {} => v.asinh());
 float_kernel!(acosh, R, |_c, v| {} => v.acosh());
 float_kernel!(atanh, R, |_c, v| {} => v.atanh());
-float_kernel!(tanh, R, |_c, v| {} => v.tanh());
+float_kernel!(tanh, R, |_c, v| {} f32 => Some(Act::Tanh), v.tanh());
 float_kernel!(sigmoid, R, |_c, v| {} f32 => Some(Act::Sigmoid), sigmoid_of(v));
 float_kernel!(softsign, R, |_c, v| {} => v / (1.0 + v.abs()));
 float_kernel!(softplus, R, |_c, v| {} => softplus_of(v));
@@ -242,7 +235,12 @@ float_kernel!(swish, R, |c, v| { let alpha = c.attr_f("alpha", 1.0); }
 fn exp(_ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
     let x = take_input(&mut inputs, 0)?;
     if x.dtype() == DType::F32 {
-        return Ok(vec![map_f32_slices(x, |b| b.iter_mut().for_each(|v| *v = exp_f32(*v)))?]);
+        return Ok(vec![map_f32_slices(x, #[inline(always)]
+        |b| {
+            for v in b.iter_mut() {
+                *v = exp_f32(*v);
+            }
+        })?]);
     }
     Ok(vec![float_map!(x, R, |v| v.exp())])
 }

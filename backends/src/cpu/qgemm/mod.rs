@@ -152,14 +152,41 @@ pub fn u8_params(lo: f32, hi: f32) -> (f32, i32) {
     (scale, zero)
 }
 
-/// `dst[i] = clamp(round(src[i]/scale) + zero, 0, 255)`.
+/// `dst[i] = clamp(round(src[i]/scale) + zero, 0, 255)` (NaN gives 0).
 pub fn quantize_u8(src: &[f32], dst: &mut [u8], scale: f32, zero: i32) {
-    let inv = 1.0 / scale;
-    let z = zero as f32;
-    for (d, &x) in dst.iter_mut().zip(src) {
-        // NaN clamps to 0 through the saturating cast.
-        *d = ((x * inv).round_ties_even() + z).clamp(0.0, 255.0) as u8;
+    let (inv, z) = (1.0 / scale, zero as f32);
+    isa::with_isa(#[inline(always)] || {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = q_u8(x, inv, z);
+        }
+    })
+}
+
+/// One element of `quantize_u8` (with `inv` = 1/scale): branch-free so that loops calling it
+/// vectorise. The clamp comes first (as selects: NaN fails `v > 0` and becomes 0) so the value is in
+/// [0, 255]; adding 2²³ then rounds it to the nearest integer, ties to even (like
+/// `round_ties_even`), and leaves that integer in the low mantissa bits.
+#[inline(always)]
+pub(crate) fn q_u8(x: f32, inv: f32, z: f32) -> u8 {
+    const MAGIC: f32 = 8_388_608.0;
+    let v = x * inv + z;
+    let v = if v > 0.0 { v } else { 0.0 };
+    let v = if v < 255.0 { v } else { 255.0 };
+    (v + MAGIC).to_bits() as u8
+}
+
+/// (min, max) of a slice with 0 included, ignoring NaN.
+#[inline(always)]
+fn min_max0(src: &[f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if Isa::Avx512.supported() {
+            // SAFETY: AVX-512F is available.
+            return unsafe { x86::min_max0_avx512(src) };
+        }
     }
+    // A NaN x fails both comparisons and is skipped.
+    src.iter().fold((0f32, 0f32), |(lo, hi), &x| (if x < lo { x } else { lo }, if x > hi { x } else { hi }))
 }
 
 /// Quantize each of the `m` rows of a row-major M×K f32 matrix with its own range: returns the u8
@@ -170,12 +197,17 @@ pub fn quantize_rows(a: &[f32], m: usize, k: usize) -> (Vec<u8>, Vec<f32>, Vec<i
     let mut scale = vec![0f32; m];
     let mut zero = vec![0i32; m];
     let row = |(i, ((dst, s), z)): (usize, ((&mut [u8], &mut f32), &mut i32))| {
-        let src = &a[i * k..(i + 1) * k];
-        let (lo, hi) = src.iter().fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-        let (sc, zp) = u8_params(lo, hi);
-        quantize_u8(src, &mut dst[..k], sc, zp);
-        *s = sc;
-        *z = zp;
+        isa::with_isa(#[inline(always)] || {
+            let src = &a[i * k..(i + 1) * k];
+            let (lo, hi) = min_max0(src);
+            let (sc, zp) = u8_params(lo, hi);
+            let (inv, zf) = (1.0 / sc, zp as f32);
+            for (d, &x) in dst[..k].iter_mut().zip(src) {
+                *d = q_u8(x, inv, zf);
+            }
+            *s = sc;
+            *z = zp;
+        })
     };
     let it = q.chunks_mut(ld.max(1)).zip(scale.iter_mut()).zip(zero.iter_mut());
     if m * k >= 1 << 16 {
@@ -232,6 +264,15 @@ impl QKernel {
             }
         }
         v
+    }
+
+    /// The float ISA the epilogue of this kernel runs on.
+    fn float_isa(self) -> Isa {
+        match self {
+            QKernel::Scalar => Isa::Scalar,
+            QKernel::Avx2 | QKernel::AvxVnni => Isa::Avx2Fma,
+            QKernel::Avx512Vnni => Isa::Avx512,
+        }
     }
 
     /// (rows, panels) of the register tile.
@@ -386,39 +427,53 @@ impl Job<'_> {
     }
 
     /// Dequantize a tile, add bias, apply the activation and write it out (rows, or for the
-    /// transposed layout columns of mr consecutive floats).
+    /// transposed layout columns of mr consecutive floats), vectorised for the kernel's ISA.
     ///
     /// # Safety
     /// Rows i..i+mr and columns j0..j0+nc are inside the checked output and owned by this task.
     unsafe fn store(&self, acc: &[i32; TILE_M * TILE_N], i: usize, mr: usize, j0: usize, nc: usize) {
+        isa::with_isa_of(self.kern.float_isa(), #[inline(always)] || self.store_tile(acc, i, mr, j0, nc))
+    }
+
+    #[inline(always)]
+    unsafe fn store_tile(&self, acc: &[i32; TILE_M * TILE_N], i: usize, mr: usize, j0: usize, nc: usize) {
         let (a, w) = (&self.a, &self.w);
-        let mut tile = [[0f32; TILE_N]; TILE_M];
-        for (r, row) in tile.iter_mut().enumerate().take(mr) {
+        // The whole tile, rows nc apart, goes through the activation in one call: a polynomial
+        // activation is a long dependency chain per vector, and one row holds only two vectors,
+        // too few for the core to overlap.
+        let mut tile = [0f32; TILE_M * TILE_N];
+        let (ws, wsum) = (&w.scale[j0..j0 + nc], &w.sum[j0..j0 + nc]);
+        let bias = self.epi.bias.map(|b| &b[j0..j0 + nc]);
+        for r in 0..mr {
             let ii = i + r;
             let sa = a.scale[if a.scale.len() == 1 { 0 } else { ii }];
             let za = a.zero[if a.zero.len() == 1 { 0 } else { ii }];
+            let row = &mut tile[r * nc..(r + 1) * nc];
             let accr = &acc[r * TILE_N..r * TILE_N + nc];
-            let (ws, wsum) = (&w.scale[j0..j0 + nc], &w.sum[j0..j0 + nc]);
-            for (((o, &x), &s), &z) in row[..nc].iter_mut().zip(accr).zip(ws).zip(wsum) {
-                *o = (x - za * z) as f32 * (sa * s);
-            }
-            if let Some(b) = self.epi.bias {
-                for (o, &bv) in row[..nc].iter_mut().zip(&b[j0..j0 + nc]) {
-                    *o += bv;
+            match bias {
+                Some(b) => {
+                    for c in 0..nc {
+                        row[c] = (accr[c] - za * wsum[c]) as f32 * (sa * ws[c]) + b[c];
+                    }
+                }
+                None => {
+                    for c in 0..nc {
+                        row[c] = (accr[c] - za * wsum[c]) as f32 * (sa * ws[c]);
+                    }
                 }
             }
-            apply_act(&mut row[..nc], self.epi.act);
         }
+        apply_act(&mut tile[..mr * nc], self.epi.act);
         let base = self.out.0.add(i * self.rs + j0 * self.cs);
         if self.cs == 1 {
-            for (r, row) in tile.iter().enumerate().take(mr) {
-                std::ptr::copy_nonoverlapping(row.as_ptr(), base.add(r * self.rs), nc);
+            for r in 0..mr {
+                std::ptr::copy_nonoverlapping(tile.as_ptr().add(r * nc), base.add(r * self.rs), nc);
             }
         } else {
             for c in 0..nc {
                 let col = base.add(c * self.cs);
-                for (r, row) in tile.iter().enumerate().take(mr) {
-                    *col.add(r * self.rs) = row[c];
+                for r in 0..mr {
+                    *col.add(r * self.rs) = tile[r * nc + c];
                 }
             }
         }

@@ -132,3 +132,27 @@ unsafe fn store256<const M: usize>(c: &[[__m256i; 2]; M], acc: &mut [i32; TILE_M
         }
     }
 }
+
+/// (min, max) of `src` with 0 included; NaNs are skipped (`vminps`/`vmaxps` return the second
+/// operand, the running value, when the first is NaN).
+///
+/// # Safety
+/// AVX-512F available.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn min_max0_avx512(src: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut chunks = src.chunks_exact(16);
+    for c in &mut chunks {
+        let v = _mm512_loadu_ps(c.as_ptr());
+        lo = _mm512_min_ps(v, lo);
+        hi = _mm512_max_ps(v, hi);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let m = (1u16 << rest.len()) - 1;
+        let v = _mm512_maskz_loadu_ps(m, rest.as_ptr());
+        lo = _mm512_min_ps(v, lo);
+        hi = _mm512_max_ps(v, hi);
+    }
+    (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi))
+}
