@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod qgemm;
 pub mod isa;
 pub mod kernels;
+pub mod par;
 mod prepack;
 pub mod registry;
 pub mod util;
@@ -19,21 +20,25 @@ pub use ctx::OpCtx;
 pub use interp::eval_step;
 pub use registry::{registry, Kernel, Registry};
 
-/// CPU execution with a dedicated rayon pool of `threads` threads (0 = one per core).
+/// CPU execution with a dedicated rayon pool of `threads` threads (0 = one per core); with one
+/// thread, runs execute on the caller's thread and no pool exists (see [`par`]).
 pub struct CpuBackend {
-    pool: Arc<rayon::ThreadPool>,
+    pool: Option<Arc<rayon::ThreadPool>>,
     threads: usize,
 }
 
 impl CpuBackend {
     pub fn new(threads: usize) -> Result<CpuBackend> {
+        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+        if threads == 1 {
+            return Ok(CpuBackend { pool: None, threads });
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("kiln-cpu-{i}"))
             .build()
             .map_err(|e| kiln_runtime::Error::Other(format!("cannot start thread pool: {e}")))?;
-        let threads = pool.current_num_threads();
-        Ok(CpuBackend { pool: Arc::new(pool), threads })
+        Ok(CpuBackend { pool: Some(Arc::new(pool)), threads })
     }
 
     pub fn threads(&self) -> usize {
@@ -61,7 +66,8 @@ impl Backend for CpuBackend {
 struct CpuExecutable {
     artifact: Arc<Artifact>,
     program: interp::Prepared,
-    pool: Arc<rayon::ThreadPool>,
+    /// None: run serially on the caller's thread.
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 #[derive(Default)]
@@ -78,9 +84,11 @@ impl Executable for CpuExecutable {
     fn run(&self, state: &mut SessionState, inputs: Vec<Value>) -> Result<Vec<Value>> {
         let state = state.downcast_mut::<CpuState>().expect("state made by this executable");
         let mut stats = interp::Stats { profile: state.profile.take(), ..Default::default() };
-        let out = self.pool.install(|| {
-            self.program.run(Some(&self.artifact), inputs, &[], &mut stats)
-        });
+        let run = || self.program.run(Some(&self.artifact), inputs, &[], &mut stats);
+        let out = match &self.pool {
+            Some(pool) => pool.install(run),
+            None => par::serial(run),
+        };
         state.profile = stats.profile;
         state.peak_bytes = stats.peak_bytes;
         out

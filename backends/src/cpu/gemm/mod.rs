@@ -257,7 +257,7 @@ pub fn sgemm_with(
         (_, None) => unreachable!("packed forms have a view"),
     };
     let job = Job { kern, m, n, k, a, b: bsrc, c: CPtr(c.as_mut_ptr()), ldc, accumulate, epi };
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let threads = if parallel { crate::cpu::par::threads() } else { 1 };
     let (tm, tn) = split(m, n, k, kern, threads);
     if tm * tn <= 1 {
         job.block(0, m, 0, n);
@@ -266,7 +266,7 @@ pub fn sgemm_with(
     let rows = chunks(m, kern.mr, tm);
     let cols = chunks(n, kern.nr, tn);
     let tasks: Vec<_> = rows.iter().flat_map(|&r| cols.iter().map(move |&c| (r, c))).collect();
-    tasks.par_iter().for_each(|&((i0, i1), (j0, j1))| job.block(i0, i1, j0, j1));
+    crate::cpu::par::for_each(&tasks, |&((i0, i1), (j0, j1))| job.block(i0, i1, j0, j1));
     Ok(())
 }
 
@@ -298,7 +298,7 @@ fn run_skinny(
     parallel: bool,
 ) {
     const MIN_TASK: usize = 1 << 17; // multiply-adds: bandwidth-bound, a few µs
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let threads = if parallel { crate::cpu::par::threads() } else { 1 };
     let tasks = threads.min(m * n * k / MIN_TASK).max(1);
     let cp = CPtr(c.as_mut_ptr());
     // SAFETY: sgemm checked the operands; each task writes its own columns of C.

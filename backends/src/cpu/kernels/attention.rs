@@ -170,7 +170,7 @@ fn attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         (0..b).flat_map(|bi| (0..h).flat_map(move |hi| (0..blocks).map(move |r| (bi, hi, r * rows)))).collect();
     let dst = OutPtr(out.as_mut_ptr());
     let run = |&(bi, hi, r0): &(usize, usize, usize)| plan.block(bi, hi, r0, rows.min(sq - r0), dst);
-    if tasks.len() > 1 && rayon::current_num_threads() > 1 {
+    if tasks.len() > 1 && crate::cpu::par::threads() > 1 {
         tasks.par_iter().try_for_each(run)?;
     } else {
         tasks.iter().try_for_each(run)?;

@@ -16,7 +16,7 @@ use super::matmul::{gemm, quant_range, quant_tensor, requant_multiplier, requant
 use super::pool::{spatial_geometry, DimGeom};
 use crate::cpu::ctx::OpCtx;
 use crate::cpu::gemm::pack::AlignedBuf;
-use crate::cpu::gemm::{apply_act, sgemm, Act, BRef, Epilogue, MatRef};
+use crate::cpu::gemm::{apply_act, sgemm, Act, BRef, Epilogue, MatRef, SKINNY_M};
 use crate::cpu::isa::{self, Isa};
 use crate::cpu::registry::Registry;
 
@@ -202,7 +202,7 @@ fn im2col<T: MatElem>(g: &Geo3, x: &[T], r0: usize, nr: usize, col: &mut [T]) {
     let insz = g.in_size();
     let (ih, iw) = (g.input[1], g.input[2]);
     let ncols = nr * ow;
-    col.par_chunks_mut(ncols).enumerate().for_each(|(r, crow)| {
+    crate::cpu::par::chunks_mut(col, ncols, |r, crow| {
         let (c, kk) = (r / ksz, r % ksz);
         let (kd, kh, kw) = (kk / (g.kernel[1] * g.kernel[2]), kk / g.kernel[2] % g.kernel[1], kk % g.kernel[2]);
         let xc = &x[c * insz..(c + 1) * insz];
@@ -245,7 +245,7 @@ fn depthwise<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], y: &mut [T]) {
     let vh: Vec<(usize, usize)> = (0..kh_n).map(|k| g.valid(1, k)).collect();
     let vw: Vec<(usize, usize)> = (0..kw_n).map(|k| g.valid(2, k)).collect();
     let s2 = g.stride[2];
-    y.par_chunks_mut(outsz).enumerate().for_each(|(p, yp)| {
+    crate::cpu::par::chunks_mut(y, outsz, |p, yp| {
         let (b, m) = (p / s.m, p % s.m);
         let xc = &x[(b * s.c + m / mult) * insz..][..insz];
         let wk = &w[m * ksz..(m + 1) * ksz];
@@ -359,7 +359,7 @@ fn conv_gemm_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act:
     let outsz = g.out_size();
     let (cpg, mpg) = (s.c / s.group, s.m / s.group);
     let kdim = cpg * g.k_size();
-    let threads = rayon::current_num_threads();
+    let threads = crate::cpu::par::threads();
     let par = threads > 1 && s.n * s.m * outsz * kdim.max(1) >= PAR_MIN_WORK;
     let units = s.n * s.group;
     // Column tile: its im2col block and output block together fit the L2 budget.
@@ -394,7 +394,7 @@ fn conv_gemm_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act:
     // Tasks compute into their own tile and copy it out: their output blocks interleave in y.
     let out = OutPtr(y.as_mut_ptr());
     let ylen = y.len();
-    tasks.par_iter().try_for_each(|t| {
+    crate::cpu::par::try_for_each(&tasks, |t| {
         with_scratch(|col, tile| {
             let (rows, ncols) = (t.m1 - t.m0, t.j1 - t.j0);
             let c = tile.get(rows * ncols);
@@ -430,13 +430,36 @@ fn gemm_task(
     let kdim = cpg * g.k_size();
     let (rows, ncols) = (t.m1 - t.m0, t.j1 - t.j0);
     let m_first = t.grp * mpg + t.m0;
+    let xg = &x[(t.b * s.c + t.grp * cpg) * insz..][..cpg * insz];
+    let wg = &w[m_first * kdim..][..rows * kdim];
+    if ncols <= SKINNY_M {
+        // A few output positions (1-D audio frames, a tail tile): Cᵀ = Bᵀ·Wᵀ takes the skinny
+        // path, which reads W in place; the tiled path would pack all of W for ≤ 4 columns.
+        let at = if g.is_pointwise() {
+            MatRef::new(&xg[t.j0..], 1, insz)
+        } else {
+            let patches = col.get(kdim * ncols);
+            for (j, row) in patches.chunks_exact_mut(kdim).enumerate() {
+                im2row(g, xg, cpg, t.j0 + j, row);
+            }
+            MatRef::rows(patches, kdim)
+        };
+        let mut ct = vec![0f32; ncols * rows];
+        let epi = Epilogue::new(bias.map(|b| &b[m_first..m_first + rows]), act);
+        sgemm(ncols, rows, kdim, at, BRef::Mat(MatRef::new(wg, 1, kdim)), &mut ct, rows, false, &epi, false)?;
+        for (j, crow) in ct.chunks_exact(rows).enumerate() {
+            for (i, &v) in crow.iter().enumerate() {
+                c[i * ldc + j] = v;
+            }
+        }
+        return Ok(());
+    }
     if let Some(bias) = bias {
         for (row, &bv) in c.chunks_mut(ldc).zip(&bias[m_first..m_first + rows]) {
             row[..ncols].fill(bv);
         }
     }
-    let xg = &x[(t.b * s.c + t.grp * cpg) * insz..][..cpg * insz];
-    let a = MatRef::rows(&w[m_first * kdim..][..rows * kdim], kdim);
+    let a = MatRef::rows(wg, kdim);
     let epi = Epilogue::new(None, act);
     let acc = bias.is_some();
     if g.is_pointwise() {
@@ -489,6 +512,38 @@ fn im2col_range(g: &Geo3, x: &[f32], channels: usize, j0: usize, j1: usize, col:
                 }
             }
             j += hi - lo;
+        }
+    }
+}
+
+/// The patch of output position `j` (flat over the output's spatial dims) as one row:
+/// `row[c·k + kk]` for every channel and tap, zero where the window hangs over the padding. Runs
+/// of kernel width are single copies when undilated and inside the input.
+fn im2row(g: &Geo3, x: &[f32], channels: usize, j: usize, row: &mut [f32]) {
+    let [_, oh, ow] = g.output;
+    let o = [j / (oh * ow), j / ow % oh, j % ow];
+    let [kd_n, kh_n, kw_n] = g.kernel;
+    let insz = g.in_size();
+    // Input coordinate of output o, tap kk along dim i (None: in the padding).
+    let at = |i: usize, kk: usize| (o[i] * g.stride[i] + kk * g.dilation[i]).checked_sub(g.pad[i]).filter(|&v| v < g.input[i]);
+    let w0 = (o[2] * g.stride[2]).checked_sub(g.pad[2]);
+    let contiguous = g.dilation[2] == 1 && w0.is_some_and(|w| w + kw_n <= g.input[2]);
+    for (c, rc) in row.chunks_exact_mut(kd_n * kh_n * kw_n).take(channels).enumerate() {
+        let xc = &x[c * insz..][..insz];
+        for (dh, run) in rc.chunks_exact_mut(kw_n).enumerate() {
+            let (Some(d), Some(h)) = (at(0, dh / kh_n), at(1, dh % kh_n)) else {
+                run.fill(0.0);
+                continue;
+            };
+            let base = (d * g.input[1] + h) * g.input[2];
+            match w0 {
+                Some(w) if contiguous => run.copy_from_slice(&xc[base + w..base + w + kw_n]),
+                _ => {
+                    for (kw, v) in run.iter_mut().enumerate() {
+                        *v = at(2, kw).map_or(0.0, |w| xc[base + w]);
+                    }
+                }
+            }
         }
     }
 }
@@ -552,7 +607,7 @@ fn depthwise_2d_f32(isa: Isa, s: &ConvShape, x: &[f32], w: &[f32], bias: Option<
         dw_plane(isa, &args, yp);
     };
     let work = y.len() * ksz;
-    if rayon::current_num_threads() > 1 && work >= PAR_MIN_WORK {
+    if crate::cpu::par::threads() > 1 && work >= PAR_MIN_WORK {
         let min_len = (PAR_MIN_WORK / 16 / (outsz * ksz).max(1)).max(1);
         y.par_chunks_mut(outsz).with_min_len(min_len).enumerate().for_each(|(p, yp)| with_scratch(|buf, _| plane(p, yp, buf)));
     } else {
@@ -983,7 +1038,7 @@ fn conv_transpose_core<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], bias: Option
             let wg = &w[grp * cpg * rows..][..cpg * rows];
             gemm(rows, xsz, cpg, Mat::cols(wg, rows), Mat::rows(xg, xsz), false, &mut col, xsz, true)?;
             let yg = &mut y[(b * s.m + grp * mpg) * ysz..][..mpg * ysz];
-            yg.par_chunks_mut(ysz).enumerate().for_each(|(m, yp)| {
+            crate::cpu::par::chunks_mut(yg, ysz, |m, yp| {
                 col2im(g, &col[m * ksz * xsz..(m + 1) * ksz * xsz], yp);
             });
         }
@@ -1086,7 +1141,7 @@ impl<R: crate::cpu::util::Real + MatElem> DeformArgs<'_, R> {
         let mut col = vec![<R as MatElem>::ZERO; kdim * outsz];
         for b in 0..s.n {
             for grp in 0..s.group {
-                col.par_chunks_mut(outsz.max(1)).enumerate().for_each(|(r, crow)| {
+                crate::cpu::par::chunks_mut(&mut col, outsz, |r, crow| {
                     let (ci, kk) = (r / ksz, r % ksz);
                     let c = grp * cpg + ci;
                     let o = c / cpo;
@@ -1169,7 +1224,7 @@ fn causal_conv_with_state(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<
         // still visits every row.
         let srow = (k - 1).max(1);
         let mut state = vec![<R as Real>::ZERO; b * c * srow];
-        y.par_chunks_mut(l.max(1)).zip(state.par_chunks_mut(srow)).enumerate().for_each(|(p, (yr, sr))| {
+        crate::cpu::par::chunks_mut2(&mut y, l, &mut state, srow, |p, yr, sr| {
             let ch = p % c;
             let mut padded = vec![<R as Real>::ZERO; plen];
             if let Some(pv) = &pv {

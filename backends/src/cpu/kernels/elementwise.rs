@@ -104,7 +104,7 @@ impl<const N: usize> Plan<N> {
     /// Call `row(out_run, offsets)` for every run of consecutive outputs that lies within one
     /// innermost row; `offsets[k]` is operand k's element offset for the run's first output.
     pub(crate) fn run<O: Send>(&self, out: &mut [O], row: impl Fn(&mut [O], [usize; N]) + Sync) {
-        if out.len() >= 2 * PAR_CHUNK {
+        if out.len() >= 2 * PAR_CHUNK && crate::cpu::par::threads() > 1 {
             out.par_chunks_mut(PAR_CHUNK)
                 .enumerate()
                 .for_each(|(i, chunk)| with_isa(#[inline(always)] || self.run_range(chunk, i * PAR_CHUNK, &row)));

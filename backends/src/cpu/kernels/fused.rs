@@ -47,7 +47,7 @@ fn apply_act(v: &mut [f32], act: Act) {
     if act == Act::None {
         return;
     }
-    if v.len() >= 1 << 15 {
+    if v.len() >= 1 << 15 && crate::cpu::par::threads() > 1 {
         v.par_chunks_mut(1 << 13).for_each(|c| apply_act_slice(c, act));
     } else {
         apply_act_slice(v, act);

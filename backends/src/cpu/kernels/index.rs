@@ -126,7 +126,7 @@ fn gather(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
             }
             let par = dst.len() >= PAR_MIN;
             let rows = dst.len() / inner;
-            let per = if par { rows.div_ceil(rayon::current_num_threads() * 4) } else { rows };
+            let per = if par { rows.div_ceil(crate::cpu::par::threads() * 4) } else { rows };
             for_chunks(dst, per * inner, par, |ci, chunk| {
                 for (k, row) in chunk.chunks_mut(inner).enumerate() {
                     let r = ci * per + k;

@@ -380,7 +380,7 @@ fn matmul(isa: Isa, a: &[f32], m: usize, w: &Weights, bias: Option<&[f32]>, act:
     }
     let panels = n.div_ceil(PANEL);
     const MIN_TASK: usize = 1 << 18; // multiply-adds per task, well above rayon's cost
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let threads = if parallel { crate::cpu::par::threads() } else { 1 };
     let tasks = threads.min(panels).min((m * n * k / MIN_TASK).max(1)).max(1);
     let out = OutPtr(c.as_mut_ptr());
     let run = |t: usize| {

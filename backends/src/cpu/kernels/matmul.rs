@@ -131,7 +131,7 @@ fn naive_product<T: MatElem>(m: usize, n: usize, k: usize, a: Mat<T>, b: Mat<T>,
         }
     };
     let c = &mut c[..(m - 1) * ldc + n];
-    if par && m > 1 && m * n * k >= 1 << 16 {
+    if par && m > 1 && m * n * k >= 1 << 16 && crate::cpu::par::threads() > 1 {
         c.par_chunks_mut(ldc).enumerate().for_each(|(i, r)| row(i, r));
     } else {
         c.chunks_mut(ldc).enumerate().for_each(|(i, r)| row(i, r));
@@ -159,7 +159,7 @@ fn crate_gemm<T: 'static + Copy>(m: usize, n: usize, k: usize, alpha: T, a: Mat<
         return;
     }
     let one: T = unsafe { one_of::<T>() };
-    let par = if par { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    let par = if par && crate::cpu::par::threads() > 1 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     // SAFETY: `gemm` checked that every operand index lies inside its slice; T is f32 or f64.
     unsafe {
         gemm::gemm(
@@ -337,7 +337,7 @@ fn run_plan<T: MatElem>(p: &MatMulPlan, a: &[T], b: &[T]) -> Result<Vec<T>> {
         gemm(m, n, k, Mat::rows(a, k), Mat::rows(b, n), false, c, n, par)
     };
     // Many small products: one per task. Few large ones: let each use the whole pool.
-    if nb > 1 && m * n * k < 1 << 21 {
+    if nb > 1 && m * n * k < 1 << 21 && crate::cpu::par::threads() > 1 {
         out.par_chunks_mut(m * n).enumerate().try_for_each(|(bi, c)| one(bi, c, false))?;
     } else {
         for (bi, c) in out.chunks_mut(m * n).enumerate() {
@@ -740,7 +740,7 @@ fn contract<T: MatElem>(a: Labeled<T>, b: Labeled<T>, keep: &dyn Fn(u32) -> bool
             let bm = Mat::rows(&b.data[bi * k * n..], n);
             gemm(m, n, k, am, bm, false, c, n, par)
         };
-        if few {
+        if few && crate::cpu::par::threads() > 1 {
             out.par_chunks_mut(m * n).enumerate().try_for_each(|(bi, c)| run(bi, c, false))?;
         } else {
             for (bi, c) in out.chunks_mut(m * n).enumerate() {

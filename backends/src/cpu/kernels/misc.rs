@@ -3,7 +3,6 @@
 //! window functions, MelWeightMatrix).
 
 use kiln_runtime::{DType, Error, Result, Tensor};
-use rayon::prelude::*;
 
 use super::matmul::{sgemm, Mat};
 use crate::cpu::ctx::OpCtx;
@@ -258,12 +257,9 @@ fn attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     };
     let ychunk = (sq * dv).max(1);
     if want_qk {
-        y.par_chunks_mut(ychunk)
-            .zip(qk_out.par_chunks_mut(qk_chunk.max(1)))
-            .enumerate()
-            .try_for_each(|(bh, (yc, qc))| one(bh, yc, qc))?;
+        crate::cpu::par::try_chunks_mut2(&mut y, ychunk, &mut qk_out, qk_chunk, |bh, yc, qc| one(bh, yc, qc))?;
     } else {
-        y.par_chunks_mut(ychunk).enumerate().try_for_each(|(bh, yc)| one(bh, yc, &mut []))?;
+        crate::cpu::par::try_chunks_mut(&mut y, ychunk, |bh, yc| one(bh, yc, &mut []))?;
     }
 
     let y_t = if three_d {

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use kiln_runtime::{DType, Error, Result, Tensor};
-use rayon::prelude::*;
 
 use crate::cpu::ctx::OpCtx;
 use crate::cpu::registry::Registry;
@@ -374,9 +373,8 @@ impl Forest {
         let data = x.to_f64_vec()?;
         let mut out = vec![0.0; n * self.n_targets];
         if self.n_targets > 0 {
-            out.par_chunks_mut(self.n_targets)
-                .zip(data.par_chunks(f.max(1)))
-                .try_for_each(|(o, row)| self.score_row(row, agg, init, o))?;
+            let f = f.max(1);
+            crate::cpu::par::try_chunks_mut(&mut out, self.n_targets, |r, o| self.score_row(&data[r * f..(r + 1) * f], agg, init, o))?;
         }
         Ok((n, out))
     }

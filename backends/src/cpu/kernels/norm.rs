@@ -116,7 +116,7 @@ fn batch_norm_t<R: Real>(ctx: &OpCtx, inputs: &[Option<Tensor>], training: bool)
     let per_pos = a.len() != c;
     let mut y = xv.into_owned();
     if s > 0 {
-        y.par_chunks_mut(s).enumerate().for_each(|(i, plane)| {
+        crate::cpu::par::chunks_mut(&mut y, s, |i, plane| {
             let ch = i % c;
             if per_pos {
                 let (a, b) = (&a[ch * s..(ch + 1) * s], &b[ch * s..(ch + 1) * s]);
@@ -135,14 +135,13 @@ fn batch_norm_t<R: Real>(ctx: &OpCtx, inputs: &[Option<Tensor>], training: bool)
 /// Per-channel mean and population variance over N and the spatial dims.
 fn batch_stats<R: Real>(x: &[R], n: usize, c: usize, s: usize) -> (Vec<R>, Vec<R>) {
     let cnt = R::from_usize((n * s).max(1));
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
+    crate::cpu::par::map_range(c, |ch| {
             let planes = || (0..n).map(move |b| &x[(b * c + ch) * s..(b * c + ch + 1) * s]);
             let mean = planes().map(|p| p.iter().copied().sum::<R>()).sum::<R>() / cnt;
             let var = planes().map(|p| p.iter().map(|&v| (v - mean) * (v - mean)).sum::<R>()).sum::<R>() / cnt;
             (mean, var)
         })
+        .into_iter()
         .unzip()
 }
 
@@ -192,7 +191,7 @@ fn grouped_norm<R: Real>(x: &Tensor, groups: usize, eps: R, scale: &[R], bias: &
     let block = cpg * s;
     let mut y = real_vec::<R>(x)?.into_owned();
     if block > 0 {
-        y.par_chunks_mut(block).enumerate().for_each(|(i, blk)| {
+        crate::cpu::par::chunks_mut(&mut y, block, |i, blk| {
             let (mean, var) = mean_var(blk);
             let inv = R::ONE / (var + eps).sqrt();
             let g = i % groups;
@@ -288,10 +287,7 @@ fn layer_norm(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor
         let mut inv = vec![R::ZERO; outer];
         if inner > 0 {
             let rpt = rows_per_task(inner);
-            y.par_chunks_mut(inner * rpt)
-                .zip(mean.par_chunks_mut(rpt).zip(inv.par_chunks_mut(rpt)))
-                .enumerate()
-                .for_each(|(t, (chunk, (ms, is)))| {
+            let task = |(t, (chunk, (ms, is))): (usize, (&mut [R], (&mut [R], &mut [R])))| {
                     for (j, row) in chunk.chunks_mut(inner).enumerate() {
                         let r = t * rpt + j;
                         let (m, v) = mean_var(row);
@@ -309,7 +305,12 @@ fn layer_norm(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor
                             None => row.iter_mut().zip(sc).for_each(|(x, &s)| *x = (*x - m) * iv * s),
                         }
                     }
-                });
+                };
+            if crate::cpu::par::threads() > 1 {
+                y.par_chunks_mut(inner * rpt).zip(mean.par_chunks_mut(rpt).zip(inv.par_chunks_mut(rpt))).enumerate().for_each(task);
+            } else {
+                y.chunks_mut(inner * rpt).zip(mean.chunks_mut(rpt).zip(inv.chunks_mut(rpt))).enumerate().for_each(task);
+            }
         }
         let mut out = vec![real_tensor(x.dtype(), x.shape(), y)?];
         if ctx.num_outputs() > 1 {
@@ -365,7 +366,7 @@ fn layer_norm_f32(ctx: &OpCtx, inputs: &mut [Option<Tensor>]) -> Result<Option<V
                 }
             })
         };
-        if y.len() >= 2 * GRAIN {
+        if y.len() >= 2 * GRAIN && crate::cpu::par::threads() > 1 {
             y.par_chunks_mut(inner * rpt)
                 .zip(mean.par_chunks_mut(rpt).zip(inv.par_chunks_mut(rpt)))
                 .for_each(work);
@@ -437,7 +438,7 @@ fn rms_norm(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         let mut y = real_vec::<R>(x)?.into_owned();
         if inner > 0 {
             let rpt = rows_per_task(inner);
-            y.par_chunks_mut(inner * rpt).enumerate().for_each(|(t, chunk)| {
+            crate::cpu::par::chunks_mut(&mut y, inner * rpt, |t, chunk| {
                 for (j, row) in chunk.chunks_mut(inner).enumerate() {
                     let ms = row.iter().map(|&v| v * v).sum::<R>() / R::from_usize(inner);
                     let iv = R::ONE / (ms + eps).sqrt();
@@ -467,7 +468,7 @@ fn lp_norm(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let out = with_real!(x.dtype(), R, {
         let mut y = real_vec::<R>(x)?.into_owned();
         if dim * inner > 0 {
-            y.par_chunks_mut(dim * inner).for_each(|b| {
+            crate::cpu::par::chunks_mut(&mut y, dim * inner, |_, b| {
                 for j in 0..inner {
                     let norm = if p == 1 {
                         (0..dim).map(|d| b[d * inner + j].abs()).sum::<R>()
@@ -502,7 +503,8 @@ fn lrn(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         let xv = real_vec::<R>(x)?;
         let mut y = vec![R::ZERO; xv.len()];
         if c * s > 0 {
-            y.par_chunks_mut(c * s).zip(xv.par_chunks(c * s)).for_each(|(yb, xb)| {
+            crate::cpu::par::chunks_mut(&mut y, c * s, |bi, yb| {
+                let xb = &xv[bi * c * s..(bi + 1) * c * s];
                 for ch in 0..c {
                     let (c0, c1) = (ch.saturating_sub(lo), (ch + hi).min(c - 1));
                     for i in 0..s {

@@ -268,12 +268,9 @@ fn max_planes<T: Copy + PartialOrd + Send + Sync + Default>(p: &Pool3, x: &[T], 
         }
     };
     if want_idx {
-        y.par_chunks_mut(op)
-            .zip(idx.par_chunks_mut(op))
-            .enumerate()
-            .for_each(|(pi, (yp, io))| plane(pi, yp, Some(io)));
+        crate::cpu::par::chunks_mut2(&mut y, op, &mut idx, op, |pi, yp, io| plane(pi, yp, Some(io)));
     } else {
-        y.par_chunks_mut(op).enumerate().for_each(|(pi, yp)| plane(pi, yp, None));
+        crate::cpu::par::chunks_mut(&mut y, op, |pi, yp| plane(pi, yp, None));
     }
     (y, idx)
 }
@@ -349,7 +346,7 @@ fn reduce_planes<R: Real>(p: &Pool3, x: &[R], f: impl Fn(&mut dyn Iterator<Item 
     if op == 0 {
         return y;
     }
-    y.par_chunks_mut(op).enumerate().for_each(|(pi, yp)| {
+    crate::cpu::par::chunks_mut(&mut y, op, |pi, yp| {
         let xp = &x[pi * ip..(pi + 1) * ip];
         p.for_each_window(|o, win, cnt| {
             let mut vals = win.map(|off| xp[off]);
@@ -377,7 +374,7 @@ fn global<R: Real>(x: &Tensor, f: impl Fn(&[R]) -> R + Sync) -> Result<Tensor> {
     let planes = shape[0] * shape[1];
     let xv = real_vec::<R>(x)?;
     let s = xv.len().checked_div(planes).unwrap_or(0);
-    let y: Vec<R> = (0..planes).into_par_iter().map(|p| f(&xv[p * s..(p + 1) * s])).collect();
+    let y: Vec<R> = crate::cpu::par::map_range(planes, |p| f(&xv[p * s..(p + 1) * s]));
     real_tensor(x.dtype(), &shape, y)
 }
 
@@ -448,7 +445,7 @@ fn pool_f32(p: &Pool3, dims: &[DimGeom], shape: &[usize], x: &[f32], kind: PoolK
             return Ok(());
         }
         let plane = |(pi, yp): (usize, &mut [f32])| pool_plane(isa, p, &gw, &x[pi * ip..(pi + 1) * ip], yp, kind);
-        if rayon::current_num_threads() > 1 && y.len() >= PAR_MIN_ELEMS {
+        if crate::cpu::par::threads() > 1 && y.len() >= PAR_MIN_ELEMS {
             y.par_chunks_mut(op).enumerate().for_each(plane);
         } else {
             y.chunks_mut(op).enumerate().for_each(plane);
@@ -606,7 +603,7 @@ fn global_average_pool_f32(x: &Tensor) -> Result<Tensor> {
             y.fill(0.0);
             return Ok(());
         }
-        if rayon::current_num_threads() > 1 && xv.len() >= 4 * PAR_MIN_ELEMS {
+        if crate::cpu::par::threads() > 1 && xv.len() >= 4 * PAR_MIN_ELEMS {
             let per = (PAR_MIN_ELEMS / len).max(1);
             y.par_chunks_mut(per).zip(xv.par_chunks(per * len)).for_each(|(yc, xc)| plane_means_isa(isa, xc, len, yc));
         } else {

@@ -170,7 +170,7 @@ const PIXEL_CHUNK: usize = 128;
 fn quantize_nhwc(x: &[f32], g: &ConvGeo, s: f32, z: i32, dst: &mut [u8]) {
     let hw = g.h * g.w;
     let (inv, zf) = (1.0 / s, z as f32);
-    dst.par_chunks_mut(PIXEL_CHUNK * g.cp).enumerate().for_each(|(t, out)| {
+    crate::cpu::par::chunks_mut(dst, PIXEL_CHUNK * g.cp, |t, out| {
         isa::with_isa(#[inline(always)] || {
             let p0 = t * PIXEL_CHUNK;
             let np = out.len() / g.cp;
@@ -243,7 +243,7 @@ fn conv_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         let yp = YPtr(yimg.as_mut_ptr());
         let len = yimg.len();
         let chunks = ohw.div_ceil(PIXEL_CHUNK);
-        (0..chunks).into_par_iter().try_for_each_init(Vec::new, |rows: &mut Vec<u8>, t| -> Result<()> {
+        let task = |rows: &mut Vec<u8>, t: usize| -> Result<()> {
             let p0 = t * PIXEL_CHUNK;
             let m = PIXEL_CHUNK.min(ohw - p0);
             rows.resize(m * k, 0);
@@ -253,7 +253,13 @@ fn conv_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
             // SAFETY: the output pointer covers this image; this task writes pixels p0..p0+m of
             // every channel, which no other task touches.
             unsafe { qgemm::qgemm_raw(kern, m, acts, w, &epi, yp.0.add(p0), len - p0, 1, ohw, false) }
-        })?;
+        };
+        if crate::cpu::par::threads() > 1 {
+            (0..chunks).into_par_iter().try_for_each_init(Vec::new, task)?;
+        } else {
+            let mut rows = Vec::new();
+            (0..chunks).try_for_each(|t| task(&mut rows, t))?;
+        }
     }
     let mut shape = x.shape().to_vec();
     shape[1] = w.n;

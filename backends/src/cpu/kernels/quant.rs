@@ -108,7 +108,7 @@ fn for_rows<I: Sync, O: Send + Copy + Default>(
         let (p0, step) = lay.param(r);
         f(xs, os, p0, step);
     };
-    if x.len() >= 2 * PAR_GRAIN {
+    if x.len() >= 2 * PAR_GRAIN && crate::cpu::par::threads() > 1 {
         let rows_per = (PAR_GRAIN / row).max(1);
         x.par_chunks(row * rows_per)
             .zip(out.par_chunks_mut(row * rows_per))
@@ -343,7 +343,7 @@ fn dynamic_quantize_linear(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec
     }
     let scale = if hi == lo { 1.0f32 } else { hi - lo } / 255.0;
     let zp = (0.0 - lo / scale).clamp(0.0, 255.0).round_ties_even();
-    let q: Vec<u8> = if xv.len() >= 2 * PAR_GRAIN {
+    let q: Vec<u8> = if xv.len() >= 2 * PAR_GRAIN && crate::cpu::par::threads() > 1 {
         xv.par_iter().map(|&v| ((v / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8).collect()
     } else {
         xv.iter().map(|&v| ((v / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8).collect()

@@ -403,7 +403,7 @@ where
                 *v = fin(a, o);
             }
         };
-        if work >= 2 * PAR_GRAIN {
+        if work >= 2 * PAR_GRAIN && crate::cpu::par::threads() > 1 {
             out.par_chunks_mut(per).enumerate().for_each(|(c, ch)| row(c * per, ch));
         } else {
             row(0, &mut out);
@@ -428,7 +428,7 @@ where
                 }
             }
         };
-        if work >= 2 * PAR_GRAIN {
+        if work >= 2 * PAR_GRAIN && crate::cpu::par::threads() > 1 {
             out.par_chunks_mut(k * blocks_per).enumerate().for_each(|(c, ch)| blk(c * blocks_per, ch));
         } else {
             blk(0, &mut out);
@@ -665,7 +665,7 @@ fn arg_typed<T: RElem>(x: &[T], outer: usize, n: usize, inner: usize, max: bool,
             }
         }
     };
-    if outer * n * inner >= 2 * PAR_GRAIN && outer > 1 {
+    if outer * n * inner >= 2 * PAR_GRAIN && outer > 1 && crate::cpu::par::threads() > 1 {
         out.par_chunks_mut(inner).enumerate().for_each(|(o, d)| body(o, d));
     } else {
         for (o, d) in out.chunks_mut(inner).enumerate() {
@@ -749,7 +749,7 @@ fn scan_typed<T: RElem>(
             }
         }
     };
-    if x.len() >= 2 * PAR_GRAIN && outer > 1 {
+    if x.len() >= 2 * PAR_GRAIN && outer > 1 && crate::cpu::par::threads() > 1 {
         out.par_chunks_mut(n * inner).enumerate().for_each(|(o, d)| body(o, d));
     } else {
         for (o, d) in out.chunks_mut(n * inner).enumerate() {

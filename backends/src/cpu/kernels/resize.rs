@@ -444,7 +444,7 @@ where
     let w: Vec<F> = wt.w.iter().map(|&v| F::of(v)).collect();
     if inner == 1 {
         // Last axis: each output is a short dot product over neighbouring inputs.
-        let per = if par { outer.div_ceil(rayon::current_num_threads() * 4) } else { outer };
+        let per = if par { outer.div_ceil(crate::cpu::par::threads() * 4) } else { outer };
         for_chunks(dst, per * wt.output, par, |ci, chunk| {
             for (k, drow) in chunk.chunks_mut(wt.output).enumerate() {
                 let o = ci * per + k;
@@ -462,7 +462,7 @@ where
         return;
     }
     let rows = outer * wt.output;
-    let per = if par { rows.div_ceil(rayon::current_num_threads() * 4) } else { rows };
+    let per = if par { rows.div_ceil(crate::cpu::par::threads() * 4) } else { rows };
     for_chunks(dst, per * inner, par, |ci, chunk| {
         let mut acc = vec![F::default(); inner];
         for (k, row) in chunk.chunks_mut(inner).enumerate() {

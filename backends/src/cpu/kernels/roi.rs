@@ -7,7 +7,6 @@
 //! values (not the interpolated value), and the bin takes the largest such contribution.
 
 use kiln_runtime::{Error, Result, Tensor};
-use rayon::prelude::*;
 
 use crate::cpu::ctx::OpCtx;
 use crate::cpu::registry::Registry;
@@ -177,7 +176,7 @@ fn roi_align(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         let plane = h * w;
         let bins = p.out_h * p.out_w;
         let mut out = vec![R::ZERO; num_rois * c * bins];
-        out.par_chunks_mut(c * bins).enumerate().for_each(|(r, roi_out)| {
+        crate::cpu::par::chunks_mut(&mut out, c * bins, |r, roi_out| {
             let (samples, per_bin) = roi_samples(&p, &boxes[r * 4..r * 4 + 4], h, w);
             let base = batch[r] as usize * c * plane;
             for (ch, o) in roi_out.chunks_mut(bins).enumerate() {

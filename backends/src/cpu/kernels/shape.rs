@@ -14,7 +14,6 @@ use std::mem::{align_of, size_of};
 
 use kiln_runtime::tensor::{numel, Buffer};
 use kiln_runtime::{DType, Elem, Error, Result, Tensor};
-use rayon::prelude::*;
 
 use crate::cpu::ctx::OpCtx;
 use crate::cpu::registry::Registry;
@@ -217,18 +216,17 @@ pub(crate) fn for_chunks<T: Send>(
     par: bool,
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
-    let chunk = chunk.max(1);
     if par {
-        dst.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+        crate::cpu::par::chunks_mut(dst, chunk, f);
     } else {
-        dst.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+        dst.chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| f(i, c));
     }
 }
 
 /// How many rows (of `rows` total) one parallel task takes.
 fn rows_per_task(rows: usize, par: bool) -> usize {
     if par {
-        rows.div_ceil(rayon::current_num_threads() * 4).max(1)
+        rows.div_ceil(crate::cpu::par::threads() * 4).max(1)
     } else {
         rows.max(1)
     }

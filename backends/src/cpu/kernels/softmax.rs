@@ -67,7 +67,7 @@ fn softmax(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> 
 fn rows_f32(y: &mut [f32], dim: usize) {
     let per_task = (GRAIN / dim).max(1);
     let work = |chunk: &mut [f32]| with_isa(#[inline(always)] || chunk.chunks_mut(dim).for_each(softmax_row_f32));
-    if y.len() >= 2 * GRAIN {
+    if y.len() >= 2 * GRAIN && crate::cpu::par::threads() > 1 {
         y.par_chunks_mut(dim * per_task).for_each(work);
     } else {
         work(y);
@@ -167,7 +167,7 @@ fn normalize<R: Real>(y: &mut [R], outer: usize, dim: usize, inner: usize, kind:
         return;
     }
     let per_task = (GRAIN / block).max(1);
-    y.par_chunks_mut(block * per_task).for_each(|chunk| {
+    crate::cpu::par::chunks_mut(y, block * per_task, |_, chunk| {
         for b in chunk.chunks_mut(block) {
             if inner == 1 {
                 row(b, kind);

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use kiln_runtime::{DType, Error, Result, Tensor};
-use rayon::prelude::*;
 
 use super::elementwise::{map2_into, Plan};
 use crate::cpu::ctx::OpCtx;
@@ -270,7 +269,12 @@ fn regex_full_match(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor
     let re = compile_full_match(&pattern)?;
     let mut out = Tensor::zeros(DType::Bool, x.shape());
     let o = out.view_mut::<bool>()?;
-    o.par_iter_mut().zip(x.strings()?.par_iter()).for_each(|(o, s)| *o = re.is_match(s));
+    let strs = x.strings()?;
+    crate::cpu::par::chunks_mut(o, 64, |c, oc| {
+        for (o, s) in oc.iter_mut().zip(&strs[c * 64..]) {
+            *o = re.is_match(s);
+        }
+    });
     Ok(vec![out])
 }
 
@@ -471,7 +475,7 @@ fn tfidf_vectorizer(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor
     };
     let mut out = Tensor::zeros(DType::F32, &out_shape);
     let o = out.view_mut::<f32>()?;
-    o.par_chunks_mut(v.out_size).enumerate().for_each(|(r, freq)| {
+    crate::cpu::par::chunks_mut(o, v.out_size, |r, freq| {
         if row_len > 0 {
             v.count_row(&toks[r * row_len..(r + 1) * row_len], freq);
         }

@@ -47,7 +47,7 @@ const BLOCK: usize = 2048;
 /// `f(start, chunk)` over `v` split into chunks (`start` = the chunk's offset in `v`), compiled
 /// for the active ISA (when `f` is an `#[inline(always)]` closure), across the pool when `v` is large.
 pub(crate) fn transform<T: Send>(v: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
-    if v.len() >= 2 * TASK {
+    if v.len() >= 2 * TASK && crate::cpu::par::threads() > 1 {
         v.par_chunks_mut(TASK).enumerate().for_each(|(i, c)| with_isa(#[inline(always)] || f(i * TASK, c)));
     } else if !v.is_empty() {
         with_isa(#[inline(always)] || f(0, v));

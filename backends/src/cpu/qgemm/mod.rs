@@ -336,7 +336,7 @@ pub unsafe fn qgemm_raw(kern: QKernel, m: usize, a: QActs, w: PackedRef, epi: &Q
     let col_blocks = n.div_ceil(cols);
     let job = Job { kern, a, w, epi, out: OutPtr(out), rs, cs, mr, np, m };
     // Tasks: MC-row blocks × column chunks, about 4 per thread when there is enough work.
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let threads = if parallel { crate::cpu::par::threads() } else { 1 };
     let work = m * n * padded_k(w.k);
     let want = (threads * 4).min(work >> 18).max(1);
     if threads <= 1 || want <= 1 {
