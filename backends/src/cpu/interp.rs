@@ -41,6 +41,11 @@ pub struct Stats {
     pub profile: Option<std::collections::HashMap<String, (u64, u64)>>,
 }
 
+fn profile_shapes() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_PROFILE").is_ok_and(|v| v == "shapes"))
+}
+
 fn value_bytes(v: &Value) -> usize {
     match v {
         Value::Tensor(t) => t.buffer().filter(|b| !b.is_borrowed()).map_or(0, |b| b.len()),
@@ -151,12 +156,27 @@ impl Prepared {
         let mut taken = Vec::new();
         for (i, step) in p.steps.iter().enumerate() {
             taken.clear();
+            // KILN_PROFILE=shapes splits the profile by input shapes (which layer is slow).
+            let shapes = (stats.profile.is_some() && profile_shapes()).then(|| {
+                let dims: Vec<String> = step
+                    .inputs
+                    .iter()
+                    .map(|&v| match usize::try_from(v).ok().and_then(|v| frame[v].as_ref()) {
+                        Some(Value::Tensor(t)) => format!("{:?}", t.shape()),
+                        _ => "-".into(),
+                    })
+                    .collect();
+                dims.join(" ")
+            });
             let t0 = stats.profile.is_some().then(std::time::Instant::now);
             let outs = self
                 .run_step(i, step, artifact, &mut frame, stats, &mut taken)
                 .map_err(|e| e.at_node(&step.op, &step.name))?;
             if let (Some(t0), Some(prof)) = (t0, stats.profile.as_mut()) {
-                let key = if step.domain.is_empty() { step.op.clone() } else { format!("{}.{}", step.domain, step.op) };
+                let mut key = if step.domain.is_empty() { step.op.clone() } else { format!("{}.{}", step.domain, step.op) };
+                if let Some(sh) = &shapes {
+                    key = format!("{key} {sh}");
+                }
                 let e = prof.entry(key).or_default();
                 e.0 += 1;
                 e.1 += t0.elapsed().as_nanos() as u64;

@@ -4,6 +4,7 @@
 // Register tiles are indexed by row and vector on purpose: the indices are the tile layout.
 #![allow(clippy::needless_range_loop)]
 
+use super::{BRows, Gathered, Strided};
 use std::arch::aarch64::*;
 
 /// Rows of the register tile.
@@ -33,7 +34,49 @@ pub(crate) unsafe fn kernel(
 ) {
     macro_rules! go {
         ($m:literal, $ku:literal) => {
-            tile::<$m, $ku>(nr, kc, a, b, ldb, c, ldc, alpha, load)
+            go!($m, $ku, Strided(ldb))
+        };
+        ($m:literal, $ku:literal, $rows:expr) => {
+            tile::<$m, $ku, _>(nr, kc, a, b, $rows, c, ldc, alpha, load)
+        };
+    }
+    match mr {
+        1 => go!(1, 4),
+        2 => go!(2, 2),
+        3 => go!(3, 1),
+        4 => go!(4, 1),
+        5 => go!(5, 1),
+        6 => go!(6, 1),
+        7 => go!(7, 1),
+        _ => go!(8, 1),
+    }
+}
+
+/// [`kernel`] with B's row p at `b + offs[p]` (rows gathered in place: a direct convolution's
+/// input taps).
+///
+/// # Safety
+/// As for [`kernel`], with `offs` holding `kc` offsets, each leaving NR readable floats.
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel_gather(
+    mr: usize,
+    nr: usize,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    offs: *const usize,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    load: bool,
+) {
+    macro_rules! go {
+        ($m:literal, $ku:literal) => {
+            go!($m, $ku, Gathered(offs))
+        };
+        ($m:literal, $ku:literal, $rows:expr) => {
+            tile::<$m, $ku, _>(nr, kc, a, b, $rows, c, ldc, alpha, load)
         };
     }
     match mr {
@@ -51,12 +94,12 @@ pub(crate) unsafe fn kernel(
 #[target_feature(enable = "neon")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const M: usize, const KU: usize>(
+unsafe fn tile<const M: usize, const KU: usize, R: BRows>(
     nr: usize,
     kc: usize,
     a: *const f32,
     b: *const f32,
-    ldb: usize,
+    rows: R,
     c: *mut f32,
     ldc: usize,
     alpha: f32,
@@ -64,20 +107,17 @@ unsafe fn tile<const M: usize, const KU: usize>(
 ) {
     let mut acc = [[[vdupq_n_f32(0.0); NV]; M]; KU];
     let mut a = a;
-    let mut b = b;
     let mut p = 0;
     while p + KU <= kc {
-        for accu in acc.iter_mut() {
-            step::<M>(accu, a, b);
+        for (u, accu) in acc.iter_mut().enumerate() {
+            step::<M>(accu, a, rows.at(b, p + u));
             a = a.add(MR);
-            b = b.add(ldb);
         }
         p += KU;
     }
     while p < kc {
-        step::<M>(&mut acc[0], a, b);
+        step::<M>(&mut acc[0], a, rows.at(b, p));
         a = a.add(MR);
-        b = b.add(ldb);
         p += 1;
     }
     for u in 1..KU {

@@ -5,6 +5,8 @@
 // Register tiles are indexed by row and vector on purpose: the indices are the tile layout.
 #![allow(clippy::needless_range_loop)]
 
+use super::{BRows, Gathered, Strided};
+
 /// Rows of the tile.
 pub(crate) const MR: usize = 4;
 /// Columns of the tile.
@@ -27,22 +29,48 @@ pub(crate) unsafe fn kernel(
     alpha: f32,
     load: bool,
 ) {
+    tiles(mr, nr, kc, a, b, Strided(ldb), c, ldc, alpha, load)
+}
+
+/// [`kernel`] with B's row p at `b + offs[p]`.
+///
+/// # Safety
+/// As for [`kernel`], with `offs` holding `kc` offsets, each leaving NR readable floats.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel_gather(
+    mr: usize,
+    nr: usize,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    offs: *const usize,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    load: bool,
+) {
+    tiles(mr, nr, kc, a, b, Gathered(offs), c, ldc, alpha, load)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles<R: BRows>(mr: usize, nr: usize, kc: usize, a: *const f32, b: *const f32, rows: R, c: *mut f32, ldc: usize, alpha: f32, load: bool) {
     match mr {
-        1 => tile::<1>(nr, kc, a, b, ldb, c, ldc, alpha, load),
-        2 => tile::<2>(nr, kc, a, b, ldb, c, ldc, alpha, load),
-        3 => tile::<3>(nr, kc, a, b, ldb, c, ldc, alpha, load),
-        _ => tile::<4>(nr, kc, a, b, ldb, c, ldc, alpha, load),
+        1 => tile::<1, R>(nr, kc, a, b, rows, c, ldc, alpha, load),
+        2 => tile::<2, R>(nr, kc, a, b, rows, c, ldc, alpha, load),
+        3 => tile::<3, R>(nr, kc, a, b, rows, c, ldc, alpha, load),
+        _ => tile::<4, R>(nr, kc, a, b, rows, c, ldc, alpha, load),
     }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const M: usize>(
+unsafe fn tile<const M: usize, R: BRows>(
     nr: usize,
     kc: usize,
     a: *const f32,
     b: *const f32,
-    ldb: usize,
+    rows: R,
     c: *mut f32,
     ldc: usize,
     alpha: f32,
@@ -50,7 +78,7 @@ unsafe fn tile<const M: usize>(
 ) {
     let mut acc = [[0f32; NR]; M];
     for p in 0..kc {
-        let bp = std::slice::from_raw_parts(b.add(p * ldb), NR);
+        let bp = std::slice::from_raw_parts(rows.at(b, p), NR);
         let ap = std::slice::from_raw_parts(a.add(p * MR), M);
         for (row, &av) in acc.iter_mut().zip(ap) {
             for (x, &bv) in row.iter_mut().zip(bp) {

@@ -29,6 +29,7 @@ use rayon::prelude::*;
 
 pub use self::epilogue::{act_scalar, erf, Act, Epilogue};
 pub(crate) use self::epilogue::apply_act;
+pub(crate) use self::epilogue::apply as apply_epilogue;
 pub(crate) use self::epilogue::exp;
 pub use self::pack::{PackedB, PackedView};
 pub use crate::cpu::isa::Isa;
@@ -89,6 +90,40 @@ impl<'a> BRef<'a> {
 pub(crate) type KernelFn =
     unsafe fn(usize, usize, usize, *const f32, *const f32, usize, *mut f32, usize, f32, bool);
 
+/// A microkernel reading B's row p at `b + offs[p]` (same contract otherwise).
+pub(crate) type GatherFn =
+    unsafe fn(usize, usize, usize, *const f32, *const f32, *const usize, *mut f32, usize, f32, bool);
+
+/// Where a microkernel finds row p of B: one generic tile loop serves packed/row-major B
+/// ([`Strided`]) and rows gathered in place by an offset table ([`Gathered`]).
+pub(crate) trait BRows: Copy {
+    /// # Safety
+    /// `b` and the addressing cover row `p`.
+    unsafe fn at(self, b: *const f32, p: usize) -> *const f32;
+}
+
+/// Rows a fixed number of floats apart.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided(pub usize);
+
+impl BRows for Strided {
+    #[inline(always)]
+    unsafe fn at(self, b: *const f32, p: usize) -> *const f32 {
+        b.add(p * self.0)
+    }
+}
+
+/// Row p at `b + offs[p]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Gathered(pub *const usize);
+
+impl BRows for Gathered {
+    #[inline(always)]
+    unsafe fn at(self, b: *const f32, p: usize) -> *const f32 {
+        b.add(*self.0.add(p))
+    }
+}
+
 /// A kernel family and its blocking.
 pub(crate) struct Kernel {
     pub isa: Isa,
@@ -101,6 +136,7 @@ pub(crate) struct Kernel {
     /// Column block width (multiple of nr): a KC×NC packed B block stays in L3 (or L2).
     pub nc: usize,
     pub func: KernelFn,
+    pub gather: GatherFn,
 }
 
 /// Panel width of an ISA's kernels (fixed per ISA, whatever the build target, so packed weights
@@ -122,6 +158,7 @@ static SCALAR: Kernel = Kernel {
     mc: 128,
     nc: 1024,
     func: kernel_scalar::kernel,
+    gather: kernel_scalar::kernel_gather,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -133,6 +170,7 @@ static AVX2: Kernel = Kernel {
     mc: 144,
     nc: 2048,
     func: x86_avx2::kernel,
+    gather: x86_avx2::kernel_gather,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -144,6 +182,7 @@ static AVX512: Kernel = Kernel {
     mc: 168,
     nc: 2048,
     func: x86_avx512::kernel,
+    gather: x86_avx512::kernel_gather,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -155,6 +194,7 @@ static NEON: Kernel = Kernel {
     mc: 128,
     nc: 1536,
     func: arm_neon::kernel,
+    gather: arm_neon::kernel_gather,
 };
 
 /// The kernel family for `isa` (scalar for ISAs of another architecture).

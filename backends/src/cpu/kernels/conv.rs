@@ -13,6 +13,7 @@ use kiln_runtime::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{gemm, quant_range, quant_tensor, requant_multiplier, requantize, Mat, MatElem};
+use super::conv_direct;
 use super::pool::{spatial_geometry, DimGeom};
 use crate::cpu::ctx::OpCtx;
 use crate::cpu::gemm::pack::AlignedBuf;
@@ -38,13 +39,13 @@ const COL_TILE: usize = 1 << 20;
 
 /// Convolution geometry padded to three spatial dims.
 #[derive(Clone, Debug)]
-struct Geo3 {
-    input: [usize; 3],
-    output: [usize; 3],
-    kernel: [usize; 3],
-    stride: [usize; 3],
-    dilation: [usize; 3],
-    pad: [usize; 3],
+pub(super) struct Geo3 {
+    pub(super) input: [usize; 3],
+    pub(super) output: [usize; 3],
+    pub(super) kernel: [usize; 3],
+    pub(super) stride: [usize; 3],
+    pub(super) dilation: [usize; 3],
+    pub(super) pad: [usize; 3],
 }
 
 impl Geo3 {
@@ -65,11 +66,11 @@ impl Geo3 {
         Ok(g)
     }
 
-    fn in_size(&self) -> usize {
+    pub(super) fn in_size(&self) -> usize {
         self.input.iter().product()
     }
 
-    fn out_size(&self) -> usize {
+    pub(super) fn out_size(&self) -> usize {
         self.output.iter().product()
     }
 
@@ -93,7 +94,7 @@ impl Geo3 {
         o * self.stride[i] + kk * self.dilation[i] - self.pad[i]
     }
 
-    fn is_pointwise(&self) -> bool {
+    pub(super) fn is_pointwise(&self) -> bool {
         self.kernel == [1; 3] && self.stride == [1; 3] && self.pad == [0; 3] && self.input == self.output
     }
 }
@@ -114,12 +115,12 @@ fn kernel_dims(ctx: &OpCtx, w: &Tensor) -> Result<Vec<usize>> {
 }
 
 /// Checked shapes of a forward convolution.
-struct ConvShape {
-    n: usize,
-    c: usize,
-    m: usize,
-    group: usize,
-    geo: Geo3,
+pub(super) struct ConvShape {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) m: usize,
+    pub(super) group: usize,
+    pub(super) geo: Geo3,
     out_shape: Vec<usize>,
 }
 
@@ -295,7 +296,7 @@ thread_local! {
 }
 
 /// Run `f` with this thread's scratch buffers (fresh ones if they are already in use).
-fn with_scratch<R>(f: impl FnOnce(&mut AlignedBuf, &mut AlignedBuf) -> R) -> R {
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut AlignedBuf, &mut AlignedBuf) -> R) -> R {
     SCRATCH.with(|s| match s.try_borrow_mut() {
         Ok(mut s) => {
             let (a, b) = &mut *s;
@@ -307,7 +308,7 @@ fn with_scratch<R>(f: impl FnOnce(&mut AlignedBuf, &mut AlignedBuf) -> R) -> R {
 
 /// A raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: every task writes its own rows × columns block of the output (see `conv_gemm_f32`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -336,6 +337,9 @@ fn conv_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Act,
     if cpg == 1 && s.group > 1 {
         depthwise_f32(s, x, w, bias, act, y);
         return Ok(());
+    }
+    if conv_direct::suits(s) {
+        return conv_direct::conv_direct_f32(s, x, w, bias, act, y);
     }
     conv_gemm_f32(s, x, w, bias, act, y)
 }

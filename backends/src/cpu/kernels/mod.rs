@@ -5,6 +5,7 @@ use super::registry::Registry;
 pub mod attention;
 pub mod cast;
 pub mod conv;
+mod conv_direct;
 pub mod elementwise;
 pub mod fused;
 pub mod index;

@@ -21,7 +21,9 @@ fn main() {
     // Small-M shapes of the real models: MiniLM at batch 1 (16 tokens) and the Silero VAD LSTM.
     let small: &[(usize, usize, usize)] =
         &[(16, 384, 384), (16, 384, 1536), (16, 1536, 384), (1, 128, 512), (1, 512, 128), (4, 512, 128)];
-    let shapes = [shapes, small].concat();
+    // MiniLM at batch 4 × 128 tokens: the FFN products and one attention head (QKᵀ, then ·V).
+    let batch: &[(usize, usize, usize)] = &[(512, 1536, 384), (512, 384, 1536), (128, 128, 32), (128, 32, 128)];
+    let shapes = [shapes, small, batch].concat();
     println!(
         "{:>16} {:>3}  {:>9} {:>7}  {:>9} {:>7}  {:>9}  {:>9}  {:>6}",
         "m×n×k", "thr", "kiln", "%peak", "prepacked", "%peak", "kiln Bᵀ", "gemm-crate", "kiln/crate"
