@@ -74,24 +74,24 @@ pub(crate) unsafe fn apply(isa: Isa, c: *mut f32, ldc: usize, rows: usize, n: us
         Isa::Avx512 => apply_avx512(c, ldc, rows, n, j0, epi),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => apply_avx2(c, ldc, rows, n, j0, epi),
-        _ => apply_rows(c, ldc, rows, n, j0, epi),
+        _ => apply_rows::<false>(c, ldc, rows, n, j0, epi),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
 unsafe fn apply_avx512(c: *mut f32, ldc: usize, rows: usize, n: usize, j0: usize, epi: &Epilogue) {
-    apply_rows(c, ldc, rows, n, j0, epi)
+    apply_rows::<true>(c, ldc, rows, n, j0, epi)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn apply_avx2(c: *mut f32, ldc: usize, rows: usize, n: usize, j0: usize, epi: &Epilogue) {
-    apply_rows(c, ldc, rows, n, j0, epi)
+    apply_rows::<true>(c, ldc, rows, n, j0, epi)
 }
 
 #[inline(always)]
-unsafe fn apply_rows(c: *mut f32, ldc: usize, rows: usize, n: usize, j0: usize, epi: &Epilogue) {
+unsafe fn apply_rows<const F: bool>(c: *mut f32, ldc: usize, rows: usize, n: usize, j0: usize, epi: &Epilogue) {
     for i in 0..rows {
         let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
         if let Some(b) = epi.bias {
@@ -99,7 +99,7 @@ unsafe fn apply_rows(c: *mut f32, ldc: usize, rows: usize, n: usize, j0: usize, 
                 *x += bv;
             }
         }
-        apply_act(row, epi.act);
+        apply_act_with::<F>(row, epi.act);
     }
 }
 
@@ -108,6 +108,13 @@ unsafe fn apply_rows(c: *mut f32, ldc: usize, rows: usize, n: usize, j0: usize, 
 /// lose the caller's `#[target_feature]`s).
 #[inline(always)]
 pub(crate) fn apply_act(row: &mut [f32], act: Act) {
+    apply_act_with::<false>(row, act)
+}
+
+/// [`apply_act`] with fused multiply-adds in the polynomials when `F` (only inside functions
+/// compiled with FMA: elsewhere `mul_add` is a libm call).
+#[inline(always)]
+fn apply_act_with<const F: bool>(row: &mut [f32], act: Act) {
     match act {
         Act::None => {}
         Act::Relu => for x in row.iter_mut() {
@@ -120,7 +127,7 @@ pub(crate) fn apply_act(row: &mut [f32], act: Act) {
             *x = leaky_relu(*x, a);
         },
         Act::Sigmoid => for x in row.iter_mut() {
-            *x = sigmoid(*x);
+            *x = sigmoid::<F>(*x);
         },
         Act::HardSigmoid(a, b) => for x in row.iter_mut() {
             *x = hard_sigmoid(*x, a, b);
@@ -129,16 +136,16 @@ pub(crate) fn apply_act(row: &mut [f32], act: Act) {
             *x = *x * hard_sigmoid(*x, 1.0 / 6.0, 0.5);
         },
         Act::Silu => for x in row.iter_mut() {
-            *x = *x * sigmoid(*x);
+            *x = *x * sigmoid::<F>(*x);
         },
         Act::Tanh => for x in row.iter_mut() {
-            *x = tanh(*x);
+            *x = tanh::<F>(*x);
         },
         Act::GeluErf => for x in row.iter_mut() {
-            *x = gelu_erf(*x);
+            *x = gelu_erf::<F>(*x);
         },
         Act::GeluTanh => for x in row.iter_mut() {
-            *x = gelu_tanh(*x);
+            *x = gelu_tanh::<F>(*x);
         },
     }
 }
@@ -185,17 +192,17 @@ fn hard_sigmoid(x: f32, a: f32, b: f32) -> f32 {
 }
 
 #[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
+fn sigmoid<const F: bool>(x: f32) -> f32 {
+    1.0 / (1.0 + exp_with::<F>(-x))
 }
 
 /// tanh without a libm call (so it vectorizes): an odd polynomial near 0, where 1 − 2/(e^{2|x|}+1)
 /// would cancel, and that form elsewhere. Relative error below 4e-7 (mostly from exp).
 #[inline(always)]
-pub(crate) fn tanh(x: f32) -> f32 {
+pub(crate) fn tanh<const F: bool>(x: f32) -> f32 {
     let a = x.abs();
     let u = x * x;
-    let small = x + x * u * poly(u, &[
+    let small = x + x * u * poly::<F, 6>(u, &[
         -0.333_333_310_100_489_33,
         0.133_332_124_877_297_8,
         -0.053_947_452_285_078_92,
@@ -203,7 +210,7 @@ pub(crate) fn tanh(x: f32) -> f32 {
         -0.008_184_633_580_376_091,
         0.002_148_957_376_012_682_7,
     ]);
-    let large = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
+    let large = 1.0 - 2.0 / (exp_with::<F>(2.0 * a) + 1.0);
     let large = if x < 0.0 { -large } else { large };
     if a < 0.625 {
         small
@@ -213,23 +220,28 @@ pub(crate) fn tanh(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn gelu_tanh(x: f32) -> f32 {
+fn gelu_tanh<const F: bool>(x: f32) -> f32 {
     // x/2·(1 + tanh(u)) = x·sigmoid(2u): no cancellation for either sign.
     const K: f32 = 0.797_884_6; // sqrt(2/pi)
     let u = K * (x + 0.044_715 * x * x * x);
-    x / (1.0 + exp(-2.0 * u))
+    x / (1.0 + exp_with::<F>(-2.0 * u))
 }
 
 #[inline(always)]
-fn gelu_erf(x: f32) -> f32 {
+fn gelu_erf<const F: bool>(x: f32) -> f32 {
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
-    0.5 * x * one_plus_erf(z)
+    0.5 * x * one_plus_erf::<F>(z)
 }
 
 /// exp(x) for f32: x = n·ln2 + r, |r| ≤ ln2/2, exp(r) by a degree-6 polynomial, 2^n by the exponent
 /// bits. Inputs are clamped to the finite range (below ≈ -87.3 the result is ≈ 1e-38, not 0).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+#[inline(always)]
+fn exp_with<const F: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -239,7 +251,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let t = x * LOG2E + MAGIC;
     let n = t - MAGIC;
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = poly(r, &[
+    let p = poly::<F, 7>(r, &[
         1.000_000_000_554_583_3,
         1.000_000_036_339_214_7,
         0.499_999_920_749_391_37,
@@ -261,12 +273,12 @@ pub(crate) fn exp(x: f32) -> f32 {
 
 /// 1 + erf(z), accurate also where it is tiny (z ≪ 0, the GELU tail).
 #[inline(always)]
-fn one_plus_erf(z: f32) -> f32 {
+fn one_plus_erf<const F: bool>(z: f32) -> f32 {
     let a = z.abs();
     // |z| < 1: erf(z) = z·P(z²).
-    let small = 1.0 + z * erf_small(a * a);
+    let small = 1.0 + z * erf_small::<F>(a * a);
     // |z| ≥ 1: erfc(|z|) = exp(-z²)·G(|z|).
-    let c = erfc_large(a);
+    let c = erfc_large::<F>(a);
     let large = if z < 0.0 { c } else { 2.0 - c };
     if a < 1.0 {
         small
@@ -279,7 +291,7 @@ fn one_plus_erf(z: f32) -> f32 {
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let a = x.abs();
-    let r = if a < 1.0 { a * erf_small(a * a) } else { 1.0 - erfc_large(a) };
+    let r = if a < 1.0 { a * erf_small::<false>(a * a) } else { 1.0 - erfc_large::<false>(a) };
     if x < 0.0 {
         -r
     } else {
@@ -288,8 +300,8 @@ pub fn erf(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn erf_small(u: f32) -> f32 {
-    poly(u, &[
+fn erf_small<const F: bool>(u: f32) -> f32 {
+    poly::<F, 7>(u, &[
         1.128_379_165_726_632_4,
         -0.376_126_258_236_892_2,
         0.112_835_851_424_380_55,
@@ -302,9 +314,9 @@ fn erf_small(u: f32) -> f32 {
 
 /// erfc(a) for a ≥ 1 (any value for a < 1, unused there).
 #[inline(always)]
-fn erfc_large(a: f32) -> f32 {
+fn erfc_large<const F: bool>(a: f32) -> f32 {
     // 1 ≤ a < 3: exp(a²)·erfc(a) as a polynomial in a − 2.
-    let mid = poly(a - 2.0, &[
+    let mid = poly::<F, 10>(a - 2.0, &[
         0.255_395_686_659_146_14,
         -0.106_796_450_493_633_23,
         0.041_802_226_065_352_485,
@@ -320,7 +332,7 @@ fn erfc_large(a: f32) -> f32 {
     let inv = 1.0 / a;
     let s = inv * inv;
     let tail = inv
-        * poly(s, &[
+        * poly::<F, 6>(s, &[
             0.564_189_569_022_317_6,
             -0.282_084_642_986_397_24,
             0.421_980_335_758_590_2,
@@ -329,15 +341,15 @@ fn erfc_large(a: f32) -> f32 {
             -4.377_168_881_853_914,
         ]);
     let g = if a < 3.0 { mid } else { tail };
-    exp(-(a * a)) * g
+    exp_with::<F>(-(a * a)) * g
 }
 
 /// Horner's rule, lowest coefficient first (plain multiply-add: no libm call on non-FMA targets).
 #[inline(always)]
-fn poly<const N: usize>(x: f32, c: &[f64; N]) -> f32 {
+fn poly<const F: bool, const N: usize>(x: f32, c: &[f64; N]) -> f32 {
     let mut acc = c[N - 1] as f32;
     for i in (0..N - 1).rev() {
-        acc = acc * x + c[i] as f32;
+        acc = if F { acc.mul_add(x, c[i] as f32) } else { acc * x + c[i] as f32 };
     }
     acc
 }
@@ -366,6 +378,13 @@ mod tests {
 
     #[test]
     fn tanh_accuracy() {
+        tanh_accuracy_with::<false>();
+        // The fused-multiply-add polynomials (libm fmaf here, the instruction inside kernels).
+        tanh_accuracy_with::<true>();
+    }
+
+    fn tanh_accuracy_with<const F: bool>() {
+        let tanh = tanh::<F>;
         let mut worst = 0f64;
         let mut x = -12.0f32;
         while x < 12.0 {
@@ -384,6 +403,13 @@ mod tests {
         assert_eq!(tanh(f32::NEG_INFINITY), -1.0);
         assert_eq!(tanh(100.0), 1.0);
         assert!(tanh(f32::NAN).is_nan());
+        let mut e = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            e = e.max(rel(exp_with::<F>(x), (x as f64).exp()));
+            x += 0.0137;
+        }
+        assert!(e < 3e-7, "exp worst relative error {e}");
     }
 
     #[test]
@@ -411,7 +437,7 @@ mod tests {
             let xd = x as f64;
             let want = 0.5 * xd * libm::erfc(-xd / std::f64::consts::SQRT_2);
             if want.abs() > 1e-30 {
-                worst = worst.max(rel(gelu_erf(x), want));
+                worst = worst.max(rel(gelu_erf::<false>(x), want)).max(rel(gelu_erf::<true>(x), want));
             }
             x += 0.001_3;
         }

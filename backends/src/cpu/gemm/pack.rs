@@ -74,17 +74,24 @@ pub(crate) fn pack_a(dst: &mut [f32], a: MatRef, i0: usize, mc: usize, pc: usize
                 let off = (pc + p) * a.cs + ib;
                 out[..h].copy_from_slice(&a.data[off..off + h]);
             }
+        } else if a.cs == 1 {
+            // k outer, rows inner: every store run is contiguous and each row is read in order
+            // (rows inner-most on the write side was a scalar scatter with stride mr).
+            let mut rows: [&[f32]; 16] = [&[]; 16];
+            assert!(h <= rows.len(), "register tiles are at most 16 rows");
+            for (i, r) in rows.iter_mut().take(h).enumerate() {
+                *r = &a.data[(ib + i) * a.rs + pc..][..kc];
+            }
+            for (p, out) in panel.chunks_exact_mut(mr).enumerate() {
+                for (o, r) in out.iter_mut().zip(&rows[..h]) {
+                    *o = r[p];
+                }
+            }
         } else {
             for i in 0..h {
                 let off = (ib + i) * a.rs + pc * a.cs;
-                if a.cs == 1 {
-                    for (p, &v) in a.data[off..off + kc].iter().enumerate() {
-                        panel[p * mr + i] = v;
-                    }
-                } else {
-                    for p in 0..kc {
-                        panel[p * mr + i] = a.data[off + p * a.cs];
-                    }
+                for p in 0..kc {
+                    panel[p * mr + i] = a.data[off + p * a.cs];
                 }
             }
         }
