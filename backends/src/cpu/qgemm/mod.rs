@@ -250,6 +250,7 @@ impl QKernel {
 
     /// Every kernel this CPU can run (for tests and benchmarks).
     pub fn available() -> Vec<QKernel> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut v = vec![QKernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
