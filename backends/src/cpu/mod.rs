@@ -72,6 +72,8 @@ struct CpuExecutable {
 
 /// Runs per session that alternate between the pool and the caller's thread to time both.
 const PROBE_RUNS: u64 = 16;
+/// Ratio of best times past which one way is taken as the clear winner.
+const CLEAR_WIN: f64 = 1.3;
 
 #[derive(Default)]
 struct CpuState {
@@ -95,17 +97,22 @@ impl Executable for CpuExecutable {
         let run = || self.program.run(Some(&self.artifact), inputs, &[], &mut stats);
         // A pool pays a hand-off per run and per parallel loop; for small models (Silero VAD:
         // 70 µs) one thread is faster. Each session times both ways and runs the faster one: the
-        // first runs alternate, then one run in 32 goes the other way; a way's time is its best
-        // run (robust to the slow first runs, which page in the mapped weights).
+        // first runs alternate (four suffice when one way is 30% faster), then one run in 32 (in
+        // 256 for a clear winner) goes the other way; a way's time is its best run (robust to the
+        // slow first runs, which page in the mapped weights).
         let out = match &self.pool {
             Some(pool) => {
                 state.runs += 1;
                 let n = state.runs;
-                let serial = if n <= PROBE_RUNS {
+                let (p, s) = (state.pool_ns.unwrap_or(0), state.serial_ns.unwrap_or(u64::MAX));
+                // A clear winner (30% apart after two runs each) ends the probing early, and then
+                // is re-checked only rarely: a serial run of a big model costs a whole pool run.
+                let clear = (p as f64) * CLEAR_WIN < s as f64 || (s as f64) * CLEAR_WIN < p as f64;
+                let serial = if n <= PROBE_RUNS && !(n > 4 && clear) {
                     n.is_multiple_of(2)
                 } else {
-                    let (p, s) = (state.pool_ns.unwrap_or(0), state.serial_ns.unwrap_or(u64::MAX));
-                    (s < p) != n.is_multiple_of(32)
+                    let every = if clear { 256 } else { 32 };
+                    (s < p) != n.is_multiple_of(every)
                 };
                 let t0 = std::time::Instant::now();
                 let out = if serial { par::serial(run) } else { pool.install(|| par::with_workers_awake(run)) };
