@@ -113,40 +113,39 @@ pub(crate) fn apply_act(row: &mut [f32], act: Act) {
 
 /// [`apply_act`] with fused multiply-adds in the polynomials when `F` (only inside functions
 /// compiled with FMA: elsewhere `mul_add` is a libm call).
+/// `$x` mapped through `$e` over a slice, one 16-lane chunk at a time: the chunk has a fixed
+/// length, so it becomes straight-line vector code. A plain loop over the slice vectorizes with
+/// an unroll of several vectors and sends the 32-wide rows of a GEMM tile to its scalar remainder
+/// (measured: GELU in the epilogue 1.6 ns/element, against 0.5 over long rows).
+macro_rules! map_lanes {
+    ($row:expr, |$x:ident| $e:expr) => {{
+        let mut chunks = $row.chunks_exact_mut(32);
+        for c in &mut chunks {
+            let c: &mut [f32; 32] = c.try_into().expect("chunks of 32");
+            for $x in c.iter_mut() {
+                *$x = $e;
+            }
+        }
+        for $x in chunks.into_remainder() {
+            *$x = $e;
+        }
+    }};
+}
+
 #[inline(always)]
 fn apply_act_with<const F: bool>(row: &mut [f32], act: Act) {
     match act {
         Act::None => {}
-        Act::Relu => for x in row.iter_mut() {
-            *x = relu(*x);
-        },
-        Act::Clip(lo, hi) => for x in row.iter_mut() {
-            *x = clip(*x, lo, hi);
-        },
-        Act::LeakyRelu(a) => for x in row.iter_mut() {
-            *x = leaky_relu(*x, a);
-        },
-        Act::Sigmoid => for x in row.iter_mut() {
-            *x = sigmoid::<F>(*x);
-        },
-        Act::HardSigmoid(a, b) => for x in row.iter_mut() {
-            *x = hard_sigmoid(*x, a, b);
-        },
-        Act::HardSwish => for x in row.iter_mut() {
-            *x = *x * hard_sigmoid(*x, 1.0 / 6.0, 0.5);
-        },
-        Act::Silu => for x in row.iter_mut() {
-            *x = *x * sigmoid::<F>(*x);
-        },
-        Act::Tanh => for x in row.iter_mut() {
-            *x = tanh::<F>(*x);
-        },
-        Act::GeluErf => for x in row.iter_mut() {
-            *x = gelu_erf::<F>(*x);
-        },
-        Act::GeluTanh => for x in row.iter_mut() {
-            *x = gelu_tanh::<F>(*x);
-        },
+        Act::Relu => map_lanes!(row, |x| relu(*x)),
+        Act::Clip(lo, hi) => map_lanes!(row, |x| clip(*x, lo, hi)),
+        Act::LeakyRelu(a) => map_lanes!(row, |x| leaky_relu(*x, a)),
+        Act::Sigmoid => map_lanes!(row, |x| sigmoid::<F>(*x)),
+        Act::HardSigmoid(a, b) => map_lanes!(row, |x| hard_sigmoid(*x, a, b)),
+        Act::HardSwish => map_lanes!(row, |x| *x * hard_sigmoid(*x, 1.0 / 6.0, 0.5)),
+        Act::Silu => map_lanes!(row, |x| *x * sigmoid::<F>(*x)),
+        Act::Tanh => map_lanes!(row, |x| tanh::<F>(*x)),
+        Act::GeluErf => map_lanes!(row, |x| gelu_erf::<F>(*x)),
+        Act::GeluTanh => map_lanes!(row, |x| gelu_tanh::<F>(*x)),
     }
 }
 
@@ -315,33 +314,29 @@ fn erf_small<const F: bool>(u: f32) -> f32 {
 /// erfc(a) for a ≥ 1 (any value for a < 1, unused there).
 #[inline(always)]
 fn erfc_large<const F: bool>(a: f32) -> f32 {
-    // 1 ≤ a < 3: exp(a²)·erfc(a) as a polynomial in a − 2.
-    let mid = poly::<F, 10>(a - 2.0, &[
-        0.255_395_686_659_146_14,
-        -0.106_796_450_493_633_23,
-        0.041_802_226_065_352_485,
-        -0.015_460_685_306_708_157,
-        0.005_444_972_582_302_567,
-        -0.001_832_128_004_562_594_7,
-        0.000_580_706_481_864_770_6,
-        -0.000_182_486_720_065_613_84,
-        6.875_944_968_196_684e-5,
-        -1.945_686_512_328_653_8e-5,
+    // 1 ≤ a < 4: exp(a²)·erfc(a) as one polynomial in a − 2.5 (Chebyshev fit, relative error
+    // 2.3e-7 in f32). No division, one polynomial: this runs in every GELU epilogue.
+    let g = poly::<F, 12>(a - 2.5, &[
+        0.210_806_359_566_864_4,
+        -0.074_347_339_394_793_47,
+        0.024_938_151_162_282_655,
+        -0.008_001_666_864_369_41,
+        0.002_466_193_997_014_184,
+        -0.000_733_228_462_969_417_3,
+        0.000_212_679_211_699_194_1,
+        -5.943_838_316_239_309e-5,
+        1.451_685_161_808_418e-5,
+        -3.788_423_946_388_166_2e-6,
+        1.640_311_602_115_704_4e-6,
+        -4.192_785_929_303_613e-7,
     ]);
-    // a ≥ 3: a·exp(a²)·erfc(a) as a polynomial in 1/a².
-    let inv = 1.0 / a;
-    let s = inv * inv;
-    let tail = inv
-        * poly::<F, 6>(s, &[
-            0.564_189_569_022_317_6,
-            -0.282_084_642_986_397_24,
-            0.421_980_335_758_590_2,
-            -1.007_625_971_619_634,
-            2.646_089_065_209_287_7,
-            -4.377_168_881_853_914,
-        ]);
-    let g = if a < 3.0 { mid } else { tail };
-    exp_with::<F>(-(a * a)) * g
+    // a ≥ 4: erfc(a) < 1.6e-8, below f32's resolution of erf near 1 and, in GELU, an output below
+    // 5e-8 in magnitude. Returning exactly 0 also keeps subnormals (slow) out of the epilogue.
+    if a < 4.0 {
+        exp_with::<F>(-(a * a)) * g
+    } else {
+        0.0
+    }
 }
 
 /// Horner's rule, lowest coefficient first (plain multiply-add: no libm call on non-FMA targets).
@@ -430,14 +425,20 @@ mod tests {
 
     #[test]
     fn gelu_tail_relative() {
-        // 1 + erf(z) for negative z must stay accurate where erf(z) ≈ -1.
+        // 1 + erf(z) for negative z must stay accurate where erf(z) ≈ -1, down to z = -4
+        // (x ≈ -5.66); below, GELU is exactly 0, within 5e-8 of the true value.
         let mut worst = 0f64;
         let mut x = -12.0f32;
         while x < 8.0 {
             let xd = x as f64;
             let want = 0.5 * xd * libm::erfc(-xd / std::f64::consts::SQRT_2);
-            if want.abs() > 1e-30 {
-                worst = worst.max(rel(gelu_erf::<false>(x), want)).max(rel(gelu_erf::<true>(x), want));
+            for got in [gelu_erf::<false>(x), gelu_erf::<true>(x)] {
+                if xd / std::f64::consts::SQRT_2 > -3.999 {
+                    worst = worst.max(rel(got, want));
+                } else if xd / std::f64::consts::SQRT_2 < -4.001 {
+                    assert_eq!(got, 0.0, "gelu({x})");
+                    assert!(want.abs() < 5e-8, "gelu({x}) = {want}");
+                }
             }
             x += 0.001_3;
         }

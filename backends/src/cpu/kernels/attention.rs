@@ -143,9 +143,8 @@ fn attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
         Some(m) => Some(mask_view(m, &scores_shape)?),
         None => None,
     };
-    let mut out = vec![0f32; b * h * sq * dv];
-    if out.is_empty() {
-        return Ok(vec![Tensor::from_vec(&out_shape, out)?]);
+    if b * h * sq * dv == 0 {
+        return Ok(vec![Tensor::zeros(DType::F32, &out_shape)]);
     }
     let plan = Plan {
         q: q.view::<f32>()?,
@@ -168,14 +167,24 @@ fn attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let blocks = sq.div_ceil(rows);
     let tasks: Vec<(usize, usize, usize)> =
         (0..b).flat_map(|bi| (0..h).flat_map(move |hi| (0..blocks).map(move |r| (bi, hi, r * rows)))).collect();
-    let dst = OutPtr(out.as_mut_ptr());
-    let run = |&(bi, hi, r0): &(usize, usize, usize)| plan.block(bi, hi, r0, rows.min(sq - r0), dst);
-    if tasks.len() > 1 && crate::cpu::par::threads() > 1 {
-        tasks.par_iter().try_for_each(run)?;
-    } else {
-        tasks.iter().try_for_each(run)?;
-    }
-    Ok(vec![Tensor::from_vec(&out_shape, out)?])
+    // The tasks write every output element (each its own rows of one head), so the output comes
+    // from the buffer pool unfilled.
+    let y = Tensor::filled_by::<f32>(DType::F32, &out_shape, |out| {
+        let dst = OutPtr(out.as_mut_ptr());
+        let run = |&(bi, hi, r0): &(usize, usize, usize)| plan.block(bi, hi, r0, rows.min(sq - r0), dst);
+        if tasks.len() > 1 && crate::cpu::par::threads() > 1 {
+            tasks.par_iter().try_for_each(run)
+        } else {
+            tasks.iter().try_for_each(run)
+        }
+    })?;
+    Ok(vec![y])
+}
+
+thread_local! {
+    /// Per-thread score block and product rows, reused across blocks and calls (never zeroed:
+    /// the products overwrite them).
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The mask's data and its strides in the [B, H, Sq, Sk] score shape (0 along broadcast dims).
@@ -202,21 +211,37 @@ impl Plan<'_> {
         let a = MatRef::new(&self.q[qo..], self.qv.strides[2], self.qv.strides[3]);
         // Kᵀ as the D×Sk right operand: element (j, s) is K[s, j].
         let kt = MatRef::new(&self.k[ko..], self.kv.strides[3], self.kv.strides[2]);
-        let mut s = vec![0f32; m * sk];
-        let epi = Epilogue { alpha: self.scale, ..Epilogue::NONE };
-        gemm::sgemm(m, sk, d, a, BRef::Mat(kt), &mut s, sk, false, &epi, false)?;
-        let mask = self.mask.map(|(data, st)| (data, st, bi * st[0] + hi * st[1]));
-        with_isa(#[inline(always)] || {
-            for (i, row) in s.chunks_exact_mut(sk).enumerate() {
-                if let Some((data, st, base)) = mask {
-                    add_mask_row(row, data, base + (r0 + i) * st[2], st[3]);
-                }
-                softmax_row(row);
+        SCRATCH.with(|scratch| -> Result<()> {
+            let mut scratch = scratch.borrow_mut();
+            let (s, o) = &mut *scratch;
+            if s.len() < m * sk {
+                s.resize(m * sk, 0.0);
             }
-        });
-        let vm = MatRef::new(&self.v[vo..], self.vv.strides[2], self.vv.strides[3]);
-        let mut o = vec![0f32; m * dv];
-        gemm::sgemm(m, dv, sk, MatRef::rows(&s, sk), BRef::Mat(vm), &mut o, dv, false, &Epilogue::NONE, false)?;
+            if o.len() < m * dv {
+                o.resize(m * dv, 0.0);
+            }
+            let (s, o) = (&mut s[..m * sk], &mut o[..m * dv]);
+            let epi = Epilogue { alpha: self.scale, ..Epilogue::NONE };
+            gemm::sgemm(m, sk, d, a, BRef::Mat(kt), s, sk, false, &epi, false)?;
+            let mask = self.mask.map(|(data, st)| (data, st, bi * st[0] + hi * st[1]));
+            with_isa(#[inline(always)] || {
+                for (i, row) in s.chunks_exact_mut(sk).enumerate() {
+                    if let Some((data, st, base)) = mask {
+                        add_mask_row(row, data, base + (r0 + i) * st[2], st[3]);
+                    }
+                    softmax_row(row);
+                }
+            });
+            let vm = MatRef::new(&self.v[vo..], self.vv.strides[2], self.vv.strides[3]);
+            gemm::sgemm(m, dv, sk, MatRef::rows(s, sk), BRef::Mat(vm), o, dv, false, &Epilogue::NONE, false)?;
+            self.store(o, bi, hi, r0, dst);
+            Ok(())
+        })
+    }
+
+    /// Product rows r0.. of head (bi, hi) into the output through its strides.
+    fn store(&self, o: &[f32], bi: usize, hi: usize, r0: usize, dst: OutPtr) {
+        let dv = self.dv;
         let [ob, oh, os, od] = self.out_strides;
         let base = bi * ob + hi * oh + r0 * os;
         for (i, row) in o.chunks_exact(dv).enumerate() {
@@ -232,7 +257,6 @@ impl Plan<'_> {
                 }
             }
         }
-        Ok(())
     }
 }
 
