@@ -9,8 +9,8 @@
 //! logical [B, H, Sq, Dv] stored as `Transpose(result, out_perm)`.
 //!
 //! Work is split over (batch, head, block of query rows); each task computes its score block with
-//! the packed GEMM, adds the mask, takes a numerically stable softmax in place and multiplies by V,
-//! so the full [B, H, Sq, Sk] score tensor never exists.
+//! the packed GEMM (transposed, keys × queries), adds the mask, takes a numerically stable softmax
+//! down the columns and multiplies by V, so the full [B, H, Sq, Sk] score tensor never exists.
 
 use rayon::prelude::*;
 
@@ -182,9 +182,19 @@ fn attention(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 }
 
 thread_local! {
-    /// Per-thread score block and product rows, reused across blocks and calls (never zeroed:
-    /// the products overwrite them).
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread working set, reused across blocks and calls (never zeroed: the products
+    /// overwrite it).
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch { st: Vec::new(), o: Vec::new(), mx: Vec::new(), sum: Vec::new() })
+    };
+}
+
+/// One task's working set: transposed scores, product rows, per-query max and sum.
+struct Scratch {
+    st: Vec<f32>,
+    o: Vec<f32>,
+    mx: Vec<f32>,
+    sum: Vec<f32>,
 }
 
 /// The mask's data and its strides in the [B, H, Sq, Sk] score shape (0 along broadcast dims).
@@ -203,37 +213,59 @@ fn mask_view<'a>(m: &'a Tensor, scores: &[usize; 4]) -> Result<(&'a [f32], [usiz
 
 impl Plan<'_> {
     /// Rows r0..r0+m of head (bi, hi): scores, mask, softmax, ·V, stored through `dst`.
+    ///
+    /// The scores are computed transposed, Sᵀ = K·Qᵀ (keys × queries): the softmax then runs down
+    /// the columns, one vector over 16 queries at a time, and S·V reads Sᵀ as a transposed A,
+    /// which the GEMM packs with contiguous copies (packing a row-major S was a scalar gather
+    /// costing as much as the product). Normalisation by 1/sum is applied to the m×Dv product
+    /// rows instead of the m×Sk probabilities.
     fn block(&self, bi: usize, hi: usize, r0: usize, m: usize, dst: OutPtr) -> Result<()> {
         let (sk, d, dv) = (self.sk, self.d, self.dv);
         let qo = bi * self.qb[0] + hi * self.qb[1] + r0 * self.qv.strides[2];
         let ko = bi * self.kb[0] + hi * self.kb[1];
         let vo = bi * self.vb[0] + hi * self.vb[1];
-        let a = MatRef::new(&self.q[qo..], self.qv.strides[2], self.qv.strides[3]);
-        // Kᵀ as the D×Sk right operand: element (j, s) is K[s, j].
-        let kt = MatRef::new(&self.k[ko..], self.kv.strides[3], self.kv.strides[2]);
+        let kmat = MatRef::new(&self.k[ko..], self.kv.strides[2], self.kv.strides[3]);
+        // Qᵀ as the D×m right operand: element (j, i) is Q[r0 + i, j].
+        let qt = MatRef::new(&self.q[qo..], self.qv.strides[3], self.qv.strides[2]);
         SCRATCH.with(|scratch| -> Result<()> {
             let mut scratch = scratch.borrow_mut();
-            let (s, o) = &mut *scratch;
-            if s.len() < m * sk {
-                s.resize(m * sk, 0.0);
+            let Scratch { st, o, mx, sum } = &mut *scratch;
+            for (buf, len) in [(&mut *st, m * sk), (&mut *o, m * dv), (&mut *mx, m), (&mut *sum, m)] {
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
             }
-            if o.len() < m * dv {
-                o.resize(m * dv, 0.0);
-            }
-            let (s, o) = (&mut s[..m * sk], &mut o[..m * dv]);
+            let (st, o, mx, sum) = (&mut st[..m * sk], &mut o[..m * dv], &mut mx[..m], &mut sum[..m]);
             let epi = Epilogue { alpha: self.scale, ..Epilogue::NONE };
-            gemm::sgemm(m, sk, d, a, BRef::Mat(kt), s, sk, false, &epi, false)?;
-            let mask = self.mask.map(|(data, st)| (data, st, bi * st[0] + hi * st[1]));
+            gemm::sgemm(sk, m, d, kmat, BRef::Mat(qt), st, m, false, &epi, false)?;
+            let mask = self.mask.map(|(data, mst)| (data, mst, bi * mst[0] + hi * mst[1] + r0 * mst[2]));
             with_isa(#[inline(always)] || {
-                for (i, row) in s.chunks_exact_mut(sk).enumerate() {
-                    if let Some((data, st, base)) = mask {
-                        add_mask_row(row, data, base + (r0 + i) * st[2], st[3]);
+                mx.fill(f32::NEG_INFINITY);
+                sum.fill(0.0);
+                for (j, row) in st.chunks_exact_mut(m).enumerate() {
+                    if let Some((data, mst, base)) = mask {
+                        add_mask_row(row, data, base + j * mst[3], mst[2]);
                     }
-                    softmax_row(row);
+                    // A NaN score is passed over here but reaches its column's sum through exp,
+                    // and with it the whole output row, as in the graph.
+                    for (a, &x) in mx.iter_mut().zip(row.iter()) {
+                        *a = if x > *a { x } else { *a };
+                    }
+                }
+                for row in st.chunks_exact_mut(m) {
+                    for ((x, &c), s) in row.iter_mut().zip(mx.iter()).zip(sum.iter_mut()) {
+                        let e = gemm::exp(*x - c);
+                        *x = e;
+                        *s += e;
+                    }
                 }
             });
             let vm = MatRef::new(&self.v[vo..], self.vv.strides[2], self.vv.strides[3]);
-            gemm::sgemm(m, dv, sk, MatRef::rows(s, sk), BRef::Mat(vm), o, dv, false, &Epilogue::NONE, false)?;
+            gemm::sgemm(m, dv, sk, MatRef::cols(st, m), BRef::Mat(vm), o, dv, false, &Epilogue::NONE, false)?;
+            for (row, &s) in o.chunks_exact_mut(dv).zip(sum.iter()) {
+                let inv = 1.0 / s;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
             self.store(o, bi, hi, r0, dst);
             Ok(())
         })
@@ -273,47 +305,6 @@ fn add_mask_row(row: &mut [f32], data: &[f32], at: usize, step: usize) {
         }
         _ => row.iter_mut().enumerate().for_each(|(j, x)| *x += data[at + j * step]),
     }
-}
-
-/// Lanes of the partial maxima and sums (one 512-bit vector).
-const LANES: usize = 16;
-
-/// Softmax of one row in place: max (NaN propagates), exp(x − max) with its sum, scale by 1/sum.
-#[inline(always)]
-fn softmax_row(v: &mut [f32]) {
-    let split = v.len() - v.len() % LANES;
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let mut nan = false;
-    for c in v[..split].chunks_exact(LANES) {
-        for k in 0..LANES {
-            m[k] = if c[k] > m[k] { c[k] } else { m[k] };
-            nan |= c[k].is_nan();
-        }
-    }
-    let mut mx = m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    for &x in &v[split..] {
-        mx = if x > mx { x } else { mx };
-        nan |= x.is_nan();
-    }
-    if nan {
-        v.fill(f32::NAN);
-        return;
-    }
-    let mut s = [0f32; LANES];
-    for c in v[..split].chunks_exact_mut(LANES) {
-        for k in 0..LANES {
-            let e = gemm::exp(c[k] - mx);
-            c[k] = e;
-            s[k] += e;
-        }
-    }
-    let mut sum: f32 = s.iter().sum();
-    for x in &mut v[split..] {
-        *x = gemm::exp(*x - mx);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    v.iter_mut().for_each(|x| *x *= inv);
 }
 
 #[cfg(test)]
