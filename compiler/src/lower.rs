@@ -89,13 +89,16 @@ fn norm_domain(d: &str) -> &str {
     }
 }
 
-/// Weight blobs in file order; a buffer shared by several constants is stored once.
+/// Weight blobs in file order; a buffer shared by several constants is stored once, and so are
+/// equal contents (folding a weight inside several subgraphs makes equal copies of it).
 #[derive(Default)]
 struct Blobs {
     tensors: Vec<Tensor>,
     entries: Vec<Blob>,
     end: u64,
     seen: HashMap<(usize, usize, i32), u32>,
+    /// (content hash, length, dtype) → blobs with that key.
+    by_content: HashMap<(u64, usize, i32), Vec<u32>>,
 }
 
 impl Blobs {
@@ -103,6 +106,12 @@ impl Blobs {
         let bytes = t.bytes();
         let key = (bytes.as_ptr() as usize, bytes.len(), t.dtype().onnx_code());
         if let Some(&i) = self.seen.get(&key) {
+            return i;
+        }
+        let ckey = (xxhash_rust::xxh3::xxh3_64(bytes), bytes.len(), t.dtype().onnx_code());
+        let same = self.by_content.get(&ckey).and_then(|c| c.iter().copied().find(|&i| self.tensors[i as usize].bytes() == bytes));
+        if let Some(i) = same {
+            self.seen.insert(key, i);
             return i;
         }
         let offset = align_up(self.end as usize) as u64;
@@ -114,6 +123,7 @@ impl Blobs {
         self.tensors.push(t.clone());
         self.end = offset + bytes.len() as u64;
         self.seen.insert(key, i);
+        self.by_content.entry(ckey).or_default().push(i);
         i
     }
 }

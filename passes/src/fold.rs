@@ -6,7 +6,9 @@
 
 use kiln_backends::cpu::eval_step;
 use kiln_compiler::infer::infer_types;
-use kiln_compiler::ir::{AttrValue, Dim, Graph, Model, Node};
+use std::collections::HashMap;
+
+use kiln_compiler::ir::{AttrValue, Dim, Graph, Model, Node, Type};
 use kiln_compiler::lower::lower_node;
 use kiln_compiler::pass::Pass;
 use kiln_compiler::Result;
@@ -129,7 +131,7 @@ impl ConstantFolding {
         Some(outs)
     }
 
-    fn fold_graph(&self, g: &mut Graph) -> Result<usize> {
+    fn fold_graph(&self, g: &mut Graph, outer: &HashMap<String, Tensor>) -> Result<usize> {
         let mut folded = 0;
         let nodes = std::mem::take(&mut g.nodes);
         let mut kept = Vec::with_capacity(nodes.len());
@@ -146,8 +148,7 @@ impl ConstantFolding {
                 Some(outs) if outs.len() >= node.outputs.iter().flatten().count() => {
                     for (o, t) in node.outputs.iter().zip(outs) {
                         if let Some(v) = o {
-                            let shape = t.shape().iter().map(|&d| Dim::Fixed(d)).collect();
-                            g.values[*v].ty = kiln_compiler::ir::Type::tensor(t.dtype(), shape);
+                            g.values[*v].ty = const_type(&t);
                             g.values[*v].konst = Some(t);
                         }
                     }
@@ -157,21 +158,63 @@ impl ConstantFolding {
             }
         }
         g.nodes = kept;
-        for n in &mut g.nodes {
+        let Graph { nodes, values, .. } = g;
+        for n in nodes.iter_mut() {
             for a in &mut n.attrs {
-                match &mut a.value {
-                    AttrValue::Graph(sg) => folded += self.fold_graph(sg)?,
-                    AttrValue::Graphs(gs) => {
-                        for sg in gs {
-                            folded += self.fold_graph(sg)?;
+                let subs: Vec<&mut Graph> = match &mut a.value {
+                    AttrValue::Graph(sg) => vec![sg],
+                    AttrValue::Graphs(gs) => gs.iter_mut().collect(),
+                    _ => vec![],
+                };
+                for sg in subs {
+                    // The constants this subgraph (or one nested in it) reads from enclosing
+                    // scopes, the nearest scope first.
+                    let mut scope = HashMap::new();
+                    for name in sg.captured_names() {
+                        let own = values.iter().find(|v| v.name == name).and_then(|v| v.konst.as_ref());
+                        if let Some(t) = own.or_else(|| outer.get(&name)) {
+                            scope.insert(name, t.clone());
                         }
                     }
-                    _ => {}
+                    folded += self.fold_subgraph(sg, &scope)?;
                 }
             }
         }
         Ok(folded)
     }
+
+    /// Fold inside a subgraph with its captured constants visible: they are made constants of
+    /// the subgraph for the folding (Silero VAD's If branches slice and concatenate outer weights
+    /// on every run otherwise), and go back to being captures where something still reads them,
+    /// so no weight is duplicated into the subgraph.
+    fn fold_subgraph(&self, sg: &mut Graph, scope: &HashMap<String, Tensor>) -> Result<usize> {
+        let mut inlined = Vec::new();
+        let captures = std::mem::take(&mut sg.captures);
+        for c in captures {
+            match scope.get(&sg.values[c].name) {
+                Some(t) => {
+                    let ty = std::mem::replace(&mut sg.values[c].ty, const_type(t));
+                    sg.values[c].konst = Some(t.clone());
+                    inlined.push((c, ty));
+                }
+                None => sg.captures.push(c),
+            }
+        }
+        let folded = self.fold_graph(sg, scope)?;
+        let uses = sg.consumers();
+        for (c, ty) in inlined {
+            if !uses[c].is_empty() || sg.outputs.contains(&c) {
+                sg.values[c].konst = None;
+                sg.values[c].ty = ty;
+                sg.captures.push(c);
+            }
+        }
+        Ok(folded)
+    }
+}
+
+fn const_type(t: &Tensor) -> Type {
+    Type::tensor(t.dtype(), t.shape().iter().map(|&d| Dim::Fixed(d)).collect())
 }
 
 impl Pass for ConstantFolding {
@@ -183,7 +226,7 @@ impl Pass for ConstantFolding {
         let mut total = 0;
         for _ in 0..16 {
             infer_types(model)?;
-            let n = self.fold_graph(&mut model.graph)?;
+            let n = self.fold_graph(&mut model.graph, &HashMap::new())?;
             total += n;
             if n == 0 {
                 break;

@@ -405,3 +405,87 @@ fn conv_then_per_channel_mul_and_add_fold_into_the_conv() {
     let fused = check(b.finish(&[y]), &[Tensor::from_vec(&[1, 2, 4, 4], data(32, 62)).unwrap()], &["Conv"]);
     insta::assert_snapshot!(dump(&fused));
 }
+
+/// A branch graph of `If` that captures the outer values named in `captures`.
+fn branch(name: &str, captures: &[(&str, &[usize])]) -> (Graph, Vec<ValueId>) {
+    let mut g = Graph { name: name.into(), ..Default::default() };
+    let ids = captures
+        .iter()
+        .map(|(n, s)| {
+            let v = g.add_value(*n, Type::tensor(DType::F32, s.iter().map(|&d| Dim::Fixed(d)).collect()));
+            g.captures.push(v);
+            v
+        })
+        .collect();
+    (g, ids)
+}
+
+fn branch_node(g: &mut Graph, op: &str, inputs: &[ValueId], attrs: Vec<Attribute>) -> ValueId {
+    let out = g.add_value(format!("{}_{}", op.to_lowercase(), g.values.len()), Type::Unknown);
+    g.nodes.push(Node {
+        name: format!("{}_{op}_{}", g.name, g.nodes.len()),
+        op: op.into(),
+        domain: String::new(),
+        opset: 17,
+        inputs: inputs.iter().map(|&v| Some(v)).collect(),
+        outputs: vec![Some(out)],
+        attrs,
+    });
+    out
+}
+
+#[test]
+fn captured_constants_fold_inside_subgraphs_and_equal_blobs_are_stored_once() {
+    // then: x + Concat(Slice(W, rows 0..32), Slice(W, rows 32..64)), all of it constant but x;
+    // else: x - W, which must keep reading W from the enclosing graph.
+    let mut b = Builder::new();
+    let x = b.input("x", &[64, 64]);
+    let cond = b.g.add_value("cond", Type::tensor(DType::Bool, vec![]));
+    b.g.inputs.push(cond);
+    b.konst("W", &[64, 64], data(64 * 64, 7));
+    let i64c = |g: &mut Graph, name: &str, v: i64| g.add_const(name, Tensor::from_vec(&[1], vec![v]).unwrap());
+    let (mut then_g, ids) = branch("then", &[("x", &[64, 64]), ("W", &[64, 64])]);
+    let (zero, half, full) = (i64c(&mut then_g, "zero", 0), i64c(&mut then_g, "half", 32), i64c(&mut then_g, "full", 64));
+    let top = branch_node(&mut then_g, "Slice", &[ids[1], zero, half, zero], vec![]);
+    let bottom = branch_node(&mut then_g, "Slice", &[ids[1], half, full, zero], vec![]);
+    let w2 = branch_node(&mut then_g, "Concat", &[top, bottom], vec![Attribute { name: "axis".into(), value: AttrValue::Int(0) }]);
+    let y = branch_node(&mut then_g, "Add", &[ids[0], w2], vec![]);
+    then_g.outputs = vec![y];
+    let (mut else_g, ids) = branch("else", &[("x", &[64, 64]), ("W", &[64, 64])]);
+    let y = branch_node(&mut else_g, "Sub", &[ids[0], ids[1]], vec![]);
+    else_g.outputs = vec![y];
+    let out = b.g.add_value("y", Type::Unknown);
+    b.g.nodes.push(Node {
+        name: "If_0".into(),
+        op: "If".into(),
+        domain: String::new(),
+        opset: 17,
+        inputs: vec![Some(cond)],
+        outputs: vec![Some(out)],
+        attrs: vec![
+            Attribute { name: "then_branch".into(), value: AttrValue::Graph(Box::new(then_g)) },
+            Attribute { name: "else_branch".into(), value: AttrValue::Graph(Box::new(else_g)) },
+        ],
+    });
+    let model = b.finish(&[out]);
+    let xv = Tensor::from_vec(&[64, 64], data(64 * 64, 8)).unwrap();
+    let mut fused = None;
+    for c in [true, false] {
+        fused = Some(check(model.clone(), &[xv.clone(), Tensor::scalar(c)], &["If"]));
+    }
+    let fused = fused.unwrap();
+    let sub = |name: &str| match &fused.graph.nodes[0].attrs.iter().find(|a| a.name == name).unwrap().value {
+        AttrValue::Graph(g) => (**g).clone(),
+        _ => unreachable!(),
+    };
+    let (then_g, else_g) = (sub("then_branch"), sub("else_branch"));
+    let ops: Vec<&str> = then_g.nodes.iter().map(|n| n.op.as_str()).collect();
+    assert_eq!(ops, ["Add"], "the slices and the concat are folded");
+    let captured = |g: &Graph| g.captures.iter().map(|&v| g.values[v].name.clone()).collect::<Vec<_>>();
+    assert_eq!(captured(&then_g), ["x"], "W is no longer read from outside");
+    assert_eq!(captured(&else_g), ["x", "W"], "W stays a capture where it is still read");
+    // The folded concat equals W byte for byte: the artifact stores it once.
+    let opts = CompileOptions { skip: vec!["prepack".into()], ..Default::default() };
+    let compiled = compile_model(model, &opts).expect("compiles");
+    assert_eq!(compiled.lowered.blobs.len(), 1, "one 16 KB blob for W and its folded copy");
+}
