@@ -450,9 +450,15 @@ pub(crate) fn gather_axes<T: Item>(
     let osh: Vec<usize> = maps[..r - 1].iter().map(|m| m.len()).collect();
     let par = dst.len() >= PAR_MIN;
     let per = rows_per_task(dst.len() / n, par);
+    // A last-axis map that repeats each source element `k` times (nearest upsampling by an
+    // integer factor) is done as one tight loop instead of a segment per source element.
+    let uniform = uniform_repeat(&maps[r - 1]);
     for_chunks(dst, per * n, par, |ci, chunk| {
         let mut idx = unravel(ci * per, &osh);
-        for row in chunk.chunks_mut(n) {
+        let mut prev: Option<isize> = None;
+        for ri in 0..chunk.len() / n {
+            let (done, rest) = chunk.split_at_mut(ri * n);
+            let row = &mut rest[..n];
             let mut off: isize = 0;
             for (k, &i) in idx.iter().enumerate() {
                 let m = maps[k][i];
@@ -462,8 +468,16 @@ pub(crate) fn gather_axes<T: Item>(
                 }
                 off += m * ist[k];
             }
-            if off < 0 {
+            if prev == Some(off) {
+                // The same source row as the row before (an outer axis repeats): copy it.
+                row.clone_from_slice(&done[(ri - 1) * n..]);
+            } else if off < 0 {
                 row.fill(fill.clone());
+            } else if let Some((k, first)) = uniform {
+                let o = off as usize + first;
+                for (d, v) in row.chunks_exact_mut(k).zip(&src[o..o + n / k]) {
+                    d.fill(v.clone());
+                }
             } else {
                 let o = off as usize;
                 for s in &segs {
@@ -478,6 +492,7 @@ pub(crate) fn gather_axes<T: Item>(
                     }
                 }
             }
+            prev = Some(off);
             for k in (0..idx.len()).rev() {
                 idx[k] += 1;
                 if idx[k] < osh[k] {
@@ -487,6 +502,17 @@ pub(crate) fn gather_axes<T: Item>(
             }
         }
     });
+}
+
+/// `Some((k, first))` when `map` is `first, first (k times), first + 1 (k times), …` covering
+/// its whole length, with k ≥ 2.
+fn uniform_repeat(map: &[isize]) -> Option<(usize, usize)> {
+    let first = *map.first()?;
+    let k = map.iter().take_while(|&&m| m == first).count();
+    if first < 0 || k < 2 || !map.len().is_multiple_of(k) {
+        return None;
+    }
+    map.iter().enumerate().all(|(j, &m)| m == first + (j / k) as isize).then_some((k, first as usize))
 }
 
 /// The single element of `t` as an `Item` (for fill values given as tensors).
@@ -1101,6 +1127,33 @@ fn col2im(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn gather_axes_matches_the_definition_on_repeats_fills_and_copies() {
+        // Integer upsampling (the uniform path and the repeated-row copy), an irregular map, and
+        // out-of-range (-1) entries on either axis.
+        let src: Vec<u32> = (0..2 * 3 * 4).collect();
+        let cases: [Vec<Vec<isize>>; 4] = [
+            vec![vec![0, 1], vec![0, 0, 1, 1, 2, 2], vec![0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]],
+            vec![vec![1], vec![2, 2, 0, -1], vec![3, 1, 1, 2, 0]],
+            vec![vec![0, 0, 1], vec![-1, 1, 1], vec![1, 1, 2, 2, 3, 3]],
+            vec![vec![1, -1], vec![0, 1, 2], vec![0, 1, 2, 3]],
+        ];
+        for maps in cases {
+            let shape: Vec<usize> = maps.iter().map(|m| m.len()).collect();
+            let mut got = vec![0u32; shape.iter().product()];
+            gather_axes(&src, &[2, 3, 4], &maps, &77, &mut got);
+            let mut want = Vec::new();
+            for &a in &maps[0] {
+                for &b in &maps[1] {
+                    for &c in &maps[2] {
+                        want.push(if a < 0 || b < 0 || c < 0 { 77 } else { src[(a * 12 + b * 4 + c) as usize] });
+                    }
+                }
+            }
+            assert_eq!(got, want, "maps {maps:?}");
+        }
+    }
     use super::*;
     use kiln_runtime::manifest::{Attr, AttrKind, Step};
 
