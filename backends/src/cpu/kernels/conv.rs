@@ -998,10 +998,10 @@ fn conv_transpose(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>>
     let total: usize = s.out_shape.iter().product();
     let y = match x.dtype() {
         DType::F32 | DType::F64 => crate::with_real!(x.dtype(), T, {
-            let mut y = Tensor::zeros(x.dtype(), &s.out_shape);
+            // Unfilled: the core sets every element to the bias (or zero) before accumulating.
             let bv = b.map(|b| b.view::<T>()).transpose()?;
-            conv_transpose_core(&s, x.view::<T>()?, w.view::<T>()?, bv, y.view_mut::<T>()?)?;
-            y
+            let (xv, wv) = (x.view::<T>()?, w.view::<T>()?);
+            Tensor::filled_by::<T>(x.dtype(), &s.out_shape, |y| conv_transpose_core(&s, xv, wv, bv, y))?
         }),
         DType::F16 | DType::BF16 => {
             let mut y = vec![0f32; total];
@@ -1035,12 +1035,15 @@ fn conv_transpose_core<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], bias: Option
         return Ok(());
     }
     let rows = mpg * ksz;
-    let mut col = vec![T::ZERO; rows * xsz];
+    // Scratch from the buffer pool, unfilled: the GEMM overwrites it (a zeroed Vec of this size,
+    // 10 MB in PP-OCR det, page-faulted on every call).
+    let mut scratch = Tensor::filled_by::<T>(T::DTYPE, &[rows * xsz], |_| Ok(()))?;
+    let col = scratch.view_mut::<T>()?;
     for b in 0..s.n {
         for grp in 0..s.group {
             let xg = &x[(b * s.c + grp * cpg) * xsz..][..cpg * xsz];
             let wg = &w[grp * cpg * rows..][..cpg * rows];
-            gemm(rows, xsz, cpg, Mat::cols(wg, rows), Mat::rows(xg, xsz), false, &mut col, xsz, true)?;
+            gemm(rows, xsz, cpg, Mat::cols(wg, rows), Mat::rows(xg, xsz), false, col, xsz, true)?;
             let yg = &mut y[(b * s.m + grp * mpg) * ysz..][..mpg * ysz];
             crate::cpu::par::chunks_mut(yg, ysz, |m, yp| {
                 col2im(g, &col[m * ksz * xsz..(m + 1) * ksz * xsz], yp);
