@@ -111,6 +111,13 @@ pub(crate) fn apply_act(row: &mut [f32], act: Act) {
     apply_act_with::<false>(row, act)
 }
 
+/// [`apply_act`] with fused multiply-adds in the polynomials, for callers already running under an
+/// ISA with FMA (`with_isa_of(Isa::Avx2Fma | Isa::Avx512, ..)`): elsewhere it is correct but slow.
+#[inline(always)]
+pub(crate) fn apply_act_fma(row: &mut [f32], act: Act) {
+    apply_act_with::<true>(row, act)
+}
+
 /// [`apply_act`] with fused multiply-adds in the polynomials when `F` (only inside functions
 /// compiled with FMA: elsewhere `mul_add` is a libm call).
 #[inline(always)]

@@ -28,7 +28,7 @@ use kiln_runtime::{Error, Result};
 use rayon::prelude::*;
 
 pub use self::epilogue::{act_scalar, erf, Act, Epilogue};
-pub(crate) use self::epilogue::apply_act;
+pub(crate) use self::epilogue::{apply_act, apply_act_fma};
 pub(crate) use self::epilogue::apply as apply_epilogue;
 pub(crate) use self::epilogue::exp;
 pub use self::pack::{PackedB, PackedView};

@@ -25,7 +25,7 @@ mod tests;
 use kiln_runtime::{Error, Result};
 use rayon::prelude::*;
 
-use crate::cpu::gemm::{apply_act, Act};
+use crate::cpu::gemm::{apply_act, apply_act_fma, Act};
 use crate::cpu::isa::{self, Isa};
 
 /// Columns per packed panel.
@@ -464,7 +464,12 @@ impl Job<'_> {
                 }
             }
         }
-        apply_act(&mut tile[..mr * nc], self.epi.act);
+        // The float ISAs of the integer kernels other than scalar all have FMA.
+        if self.kern.float_isa() == Isa::Scalar {
+            apply_act(&mut tile[..mr * nc], self.epi.act);
+        } else {
+            apply_act_fma(&mut tile[..mr * nc], self.epi.act);
+        }
         let base = self.out.0.add(i * self.rs + j0 * self.cs);
         if self.cs == 1 {
             for r in 0..mr {
