@@ -32,24 +32,7 @@ pub(crate) unsafe fn kernel(
     alpha: f32,
     load: bool,
 ) {
-    macro_rules! go {
-        ($m:literal, $ku:literal) => {
-            go!($m, $ku, Strided(ldb))
-        };
-        ($m:literal, $ku:literal, $rows:expr) => {
-            tile::<$m, $ku, _>(nr, kc, a, b, $rows, c, ldc, alpha, load)
-        };
-    }
-    match mr {
-        1 => go!(1, 4),
-        2 => go!(2, 2),
-        3 => go!(3, 1),
-        4 => go!(4, 1),
-        5 => go!(5, 1),
-        6 => go!(6, 1),
-        7 => go!(7, 1),
-        _ => go!(8, 1),
-    }
+    tiles(mr, nr, kc, a, b, Strided(ldb), c, ldc, alpha, load)
 }
 
 /// [`kernel`] with B's row p at `b + offs[p]` (rows gathered in place: a direct convolution's
@@ -71,12 +54,17 @@ pub(crate) unsafe fn kernel_gather(
     alpha: f32,
     load: bool,
 ) {
+    tiles(mr, nr, kc, a, b, Gathered(offs), c, ldc, alpha, load)
+}
+
+/// The tile kernel instantiated for `mr` rows (and its k unroll), for either way of reading B.
+#[target_feature(enable = "neon")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles<R: BRows>(mr: usize, nr: usize, kc: usize, a: *const f32, b: *const f32, rows: R, c: *mut f32, ldc: usize, alpha: f32, load: bool) {
     macro_rules! go {
         ($m:literal, $ku:literal) => {
-            go!($m, $ku, Gathered(offs))
-        };
-        ($m:literal, $ku:literal, $rows:expr) => {
-            tile::<$m, $ku, _>(nr, kc, a, b, $rows, c, ldc, alpha, load)
+            tile::<$m, $ku, R>(nr, kc, a, b, rows, c, ldc, alpha, load)
         };
     }
     match mr {
