@@ -88,19 +88,23 @@ fn quantize_block(vals: &[f32], f: &Int4Format, codes: &mut [u8]) -> Result<(f32
     // Round to nearest on a grid of clipped ranges: shrinking the range a little trades clipping
     // of the extremes for finer steps everywhere else, and the block keeps whichever candidate
     // reconstructs it with the least squared error (the full range is always a candidate).
+    // The full range, once: asymmetric blocks span [lo, hi], which includes 0 so that a block of
+    // equal values is still represented; symmetric blocks map the value of largest magnitude to
+    // code 0 (-8·s), using all 16 levels.
+    let (lo, hi, big) = if f.zero_points {
+        (vals.iter().fold(0f32, |m, &v| m.min(v)), vals.iter().fold(0f32, |m, &v| m.max(v)), 0.0)
+    } else {
+        (0.0, 0.0, vals.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m }))
+    };
     let mut best: Option<(f64, f32, u8)> = None;
     for i in 0..CLIP_STEPS {
         let shrink = 1.0 - i as f32 * CLIP_STEP;
         let (s, z) = if f.zero_points {
-            // The range includes 0 so that a block of equal values is still represented.
-            let lo = vals.iter().fold(0f32, |m, &v| m.min(v)) * shrink;
-            let hi = vals.iter().fold(0f32, |m, &v| m.max(v)) * shrink;
+            let (lo, hi) = (lo * shrink, hi * shrink);
             let s = stored((hi - lo) / 15.0)?;
             let z = if s > 0.0 { (-lo / s).round().clamp(0.0, 15.0) as u8 } else { 0 };
             (s, z)
         } else {
-            // The value of largest magnitude maps to code 0 (-8·s), using all 16 levels.
-            let big = vals.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
             (stored(big * shrink / -8.0)?, 8)
         };
         let err = block_error(vals, s, z);
