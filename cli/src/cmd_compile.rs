@@ -46,8 +46,16 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     calibration: Option<PathBuf>,
     /// How activation ranges are chosen: minmax, percentile[:P], entropy, mse.
-    #[arg(long, default_value = "minmax", value_name = "NAME")]
+    #[arg(long, default_value = "mse", value_name = "NAME")]
     calibrator: String,
+    /// int8 (static): smooth input channels into the weights (SmoothQuant). auto picks, per
+    /// layer input, the strength with the least estimated quantization noise; off; or an α in (0, 1].
+    #[arg(long, default_value = "auto", value_name = "auto|off|ALPHA")]
+    smoothing: String,
+    /// int8 (static): weight rounding, gptq (error-compensating, from the calibration inputs)
+    /// or rtn (round to nearest).
+    #[arg(long, default_value = "gptq", value_name = "METHOD")]
+    int8_weights: String,
     /// int4: block size along K (32, 64 or 128).
     #[arg(long, default_value_t = 32)]
     block_size: usize,
@@ -81,6 +89,12 @@ fn compress_options(a: &Args) -> Result<CompressOptions> {
         int4_method: a.int4_method.parse()?,
         int4_zero_points: a.int4_zero_points,
         accuracy_budget: a.accuracy_budget,
+        smoothing: a.smoothing.parse()?,
+        int8_gptq: match a.int8_weights.as_str() {
+            "gptq" => true,
+            "rtn" => false,
+            s => return Err(Error::Input(format!("--int8-weights {s} (gptq or rtn)"))),
+        },
         ..Default::default()
     };
     c.int4_f16_scales = match a.int4_scales.as_str() {

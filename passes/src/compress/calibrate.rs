@@ -272,6 +272,82 @@ pub fn run_outputs(model: &Model, s: &Samples) -> Result<Vec<Vec<Tensor>>> {
     Ok(out)
 }
 
+/// Where a value's channels are: axis 1 (NCHW, a convolution's input) or the last axis (a
+/// MatMul's K).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelAxis {
+    Second,
+    Last,
+}
+
+/// (outer, channels, inner) of a tensor shape split at `axis`; None for a scalar.
+fn split_at_axis(shape: &[usize], axis: ChannelAxis) -> Option<(usize, usize, usize)> {
+    let a = match axis {
+        ChannelAxis::Second if shape.len() >= 2 => 1,
+        ChannelAxis::Last if !shape.is_empty() => shape.len() - 1,
+        _ => return None,
+    };
+    Some((shape[..a].iter().product(), shape[a], shape[a + 1..].iter().product()))
+}
+
+/// Per-channel statistics of one value over all samples.
+#[derive(Clone, Debug, Default)]
+pub struct ChannelStats {
+    /// Largest |x| per channel.
+    pub absmax: Vec<f32>,
+    /// Mean of x² per channel.
+    pub mean_sq: Vec<f64>,
+    /// Smallest x over all channels.
+    pub min: f32,
+}
+
+/// `ChannelStats` of each watched f32 value.
+pub fn channel_stats(model: &Model, s: &Samples, watch: &[(ValueId, ChannelAxis)]) -> Result<HashMap<ValueId, ChannelStats>> {
+    let axes: HashMap<ValueId, ChannelAxis> = watch.iter().copied().collect();
+    let ids: Vec<ValueId> = watch.iter().map(|w| w.0).collect();
+    // (stats with mean_sq holding sums, count per channel)
+    let mut acc: HashMap<ValueId, (ChannelStats, u64)> = HashMap::new();
+    let mut bad: Option<String> = None;
+    observe(model, s, &ids, &mut |_, v, t| {
+        let (Ok(x), Some((outer, c, inner))) = (t.view::<f32>(), split_at_axis(t.shape(), axes[&v])) else {
+            bad.get_or_insert_with(|| format!("value '{}' is not an f32 tensor with channels", model.graph.values[v].name));
+            return;
+        };
+        let (st, n) = acc.entry(v).or_insert_with(|| {
+            (ChannelStats { absmax: vec![0.0; c], mean_sq: vec![0.0; c], min: f32::INFINITY }, 0)
+        });
+        if st.absmax.len() != c {
+            bad.get_or_insert_with(|| format!("value '{}' changes its channel count", model.graph.values[v].name));
+            return;
+        }
+        for o in 0..outer {
+            for ch in 0..c {
+                let run = &x[(o * c + ch) * inner..(o * c + ch + 1) * inner];
+                let (mut m, mut sq, mut lo) = (st.absmax[ch], 0f64, st.min);
+                for &xv in run.iter().filter(|v| v.is_finite()) {
+                    m = m.max(xv.abs());
+                    lo = lo.min(xv);
+                    sq += (xv as f64) * (xv as f64);
+                }
+                st.absmax[ch] = m;
+                st.mean_sq[ch] += sq;
+                st.min = lo;
+            }
+        }
+        *n += (outer * inner) as u64;
+    })?;
+    if let Some(msg) = bad {
+        return Err(Error::Other(format!("calibration: {msg}")));
+    }
+    Ok(acc
+        .into_iter()
+        .map(|(v, (mut st, n))| {
+            st.mean_sq.iter_mut().for_each(|q| *q /= n.max(1) as f64);
+            (v, st)
+        })
+        .collect())
+}
+
 /// Activation range (lo, hi) of each watched f32 value under `cal`. Ranges always include 0
 /// (so that zero is exactly representable), and are never empty.
 pub fn ranges(
@@ -280,16 +356,45 @@ pub fn ranges(
     watch: &[ValueId],
     cal: Calibrator,
 ) -> Result<HashMap<ValueId, (f32, f32)>> {
+    ranges_scaled(model, s, watch, cal, &HashMap::new())
+}
+
+/// `ranges` of the values as the int8 kernels will see them: a value in `mul` has each channel
+/// multiplied by its factor first (the smoothing of `quant_int8`).
+pub fn ranges_scaled(
+    model: &Model,
+    s: &Samples,
+    watch: &[ValueId],
+    cal: Calibrator,
+    mul: &HashMap<ValueId, (ChannelAxis, Vec<f32>)>,
+) -> Result<HashMap<ValueId, (f32, f32)>> {
     let mut hists: HashMap<ValueId, Histogram> = HashMap::new();
     let mut bad: Option<String> = None;
+    let mut scaled = Vec::new();
     observe(model, s, watch, &mut |_, v, t| {
         if bad.is_some() {
             return;
         }
-        match t.view::<f32>() {
-            Ok(x) => hists.entry(v).or_insert_with(Histogram::new).add(x),
-            Err(_) => bad = Some(format!("value '{}' is {}, not f32", model.graph.values[v].name, t.dtype())),
-        }
+        let x = match t.view::<f32>() {
+            Ok(x) => x,
+            Err(_) => {
+                bad = Some(format!("value '{}' is {}, not f32", model.graph.values[v].name, t.dtype()));
+                return;
+            }
+        };
+        let x = match (mul.get(&v), mul.get(&v).and_then(|(axis, _)| split_at_axis(t.shape(), *axis))) {
+            (Some((_, m)), Some((_, c, inner))) if m.len() == c => {
+                scaled.clear();
+                scaled.extend(x.iter().enumerate().map(|(i, &xv)| xv * m[(i / inner) % c]));
+                &scaled[..]
+            }
+            (Some(_), _) => {
+                bad = Some(format!("value '{}': smoothing factors do not fit its shape", model.graph.values[v].name));
+                return;
+            }
+            _ => x,
+        };
+        hists.entry(v).or_insert_with(Histogram::new).add(x);
     })?;
     if let Some(msg) = bad {
         return Err(Error::Other(format!("calibration: {msg}")));

@@ -20,6 +20,7 @@ pub mod quant_int8;
 pub mod quant_int4;
 pub mod prune;
 pub mod budget;
+pub mod gptq;
 
 /// `--quantize`
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +66,32 @@ pub enum Prune {
     TwoFour,
 }
 
+/// `--smoothing` (static int8). Each input channel c of a quantized layer is divided by
+/// s_c = max|X_c|^α / max|W_c|^(1-α) and its weight rows multiplied by it, so that one
+/// per-tensor u8 range fits channels of unequal magnitude (SmoothQuant).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Smoothing {
+    Off,
+    /// Per input value, the α (or none) with the least estimated output quantization noise.
+    Auto,
+    /// This α for every input value.
+    Alpha(f32),
+}
+
+impl std::str::FromStr for Smoothing {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(Smoothing::Off),
+            "auto" => Ok(Smoothing::Auto),
+            _ => match s.parse::<f32>() {
+                Ok(a) if a > 0.0 && a <= 1.0 => Ok(Smoothing::Alpha(a)),
+                _ => Err(Error::Input(format!("bad --smoothing '{s}' (auto, off, or an α in (0, 1])"))),
+            },
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct CompressOptions {
     pub quantize: Option<Quantize>,
@@ -81,6 +108,10 @@ pub struct CompressOptions {
     pub int4_zero_points: bool,
     /// Keep the most sensitive layers in float until the model-level output error is within this.
     pub accuracy_budget: Option<f32>,
+    /// Static int8: SmoothQuant-style smoothing of the layers' inputs.
+    pub smoothing: Smoothing,
+    /// Static int8: round weights with GPTQ (from the calibration inputs) instead of to nearest.
+    pub int8_gptq: bool,
 }
 
 impl Default for CompressOptions {
@@ -89,12 +120,14 @@ impl Default for CompressOptions {
             quantize: None,
             prune: None,
             calibration: None,
-            calibrator: Calibrator::MinMax,
+            calibrator: Calibrator::Mse,
             block_size: 32,
             int4_method: Int4Method::Rtn,
             int4_f16_scales: true,
             int4_zero_points: false,
             accuracy_budget: None,
+            smoothing: Smoothing::Auto,
+            int8_gptq: true,
         }
     }
 }
@@ -257,5 +290,9 @@ mod tests {
         );
         assert!("channels:1.5".parse::<Prune>().is_err());
         assert!("channels".parse::<Prune>().is_err());
+        assert_eq!("auto".parse::<Smoothing>().unwrap(), Smoothing::Auto);
+        assert_eq!("0.5".parse::<Smoothing>().unwrap(), Smoothing::Alpha(0.5));
+        assert!("0".parse::<Smoothing>().is_err());
+        assert!("1.5".parse::<Smoothing>().is_err());
     }
 }

@@ -11,15 +11,19 @@
 //! Layers where int8 costs accuracy for no gain stay float: depthwise and grouped convolutions
 //! (tiny per-output dot products), and products with fewer than `MIN_K` terms.
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rayon::prelude::*;
 
 use kiln_backends::cpu::qgemm::{self, QWeights};
 use kiln_compiler::ir::{AttrValue, Attribute, Graph, Model, Node, ValueId};
 use kiln_compiler::pass::Pass;
 use kiln_runtime::{DType, Error, Result, Tensor};
 
-use super::{calibrate, Calibrator, CompressOptions, Quantize};
+use super::budget::{self, LayerId};
+use super::calibrate::{self, ChannelAxis, ChannelStats, Samples};
+use super::gptq::{self, Hessian};
+use super::{CompressOptions, Quantize, Smoothing};
 
 /// Products shorter than this stay float (quantization noise is not averaged out, and the GEMM
 /// has nothing to gain).
@@ -36,23 +40,130 @@ pub fn pass(opts: &CompressOptions) -> Result<Box<dyn Pass>> {
     if !dynamic && opts.calibration.is_none() {
         return Err(Error::Input("--quantize int8 needs --calibration DIR (or use int8-dynamic)".into()));
     }
-    Ok(Box::new(QuantInt8 { dynamic, calibration: opts.calibration.clone(), calibrator: opts.calibrator }))
+    Ok(Box::new(QuantInt8 { dynamic, opts: opts.clone() }))
 }
 
 pub struct QuantInt8 {
     dynamic: bool,
-    calibration: Option<PathBuf>,
-    calibrator: Calibrator,
+    opts: CompressOptions,
 }
 
-/// A node to rewrite: its f32 input, the quantized weights, bias and the new node's attributes.
+/// A node to rewrite: its f32 input, the float weights, bias and the new node's attributes.
 struct Plan {
     node: usize,
     op: &'static str,
     x: ValueId,
-    w: QWeights,
+    /// Weights as the int8 GEMM multiplies them, row-major [k, n]. Row r reads input channel
+    /// r % period (rows whose channel is >= `channels` are padding, zero).
+    w: Vec<f32>,
+    k: usize,
+    n: usize,
+    channels: usize,
+    period: usize,
+    axis: ChannelAxis,
+    /// A convolution's geometry (None for MatMul, and for auto_pad convolutions, whose rows
+    /// GPTQ does not rebuild).
+    patch: Option<Patch>,
     bias: Option<Vec<f32>>,
     attrs: Vec<Attribute>,
+}
+
+/// Where a convolution's im2col rows read the input, for GPTQ's input statistics.
+#[derive(Clone, Copy, Debug)]
+struct Patch {
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    /// Begin and end padding per spatial axis.
+    pad: [usize; 4],
+}
+
+/// Input rows GPTQ takes from one sample of one layer: enough to estimate XᵀX, bounded so that
+/// accumulating it stays cheap for large K.
+fn rows_per_sample(k: usize) -> usize {
+    (200_000_000 / (k * k).max(1)).clamp(64, 1024)
+}
+
+impl Plan {
+    /// Up to `max` rows (evenly spread) of the matrix the int8 GEMM multiplies by the weights,
+    /// built from an input tensor `x`, row-major [rows, k]; None if `x` does not fit.
+    fn gemm_rows(&self, x: &Tensor, max: usize) -> Option<Vec<f32>> {
+        let xv = x.view::<f32>().ok()?;
+        let shape = x.shape();
+        match self.patch {
+            None => {
+                let m = xv.len() / self.k.max(1);
+                if shape.last() != Some(&self.k) || m == 0 {
+                    return None;
+                }
+                let step = m.div_ceil(max);
+                Some((0..m).step_by(step).flat_map(|r| xv[r * self.k..(r + 1) * self.k].iter().copied()).collect())
+            }
+            Some(p) => {
+                let [n, c, h, w] = <[usize; 4]>::try_from(shape).ok()?;
+                if c != self.channels {
+                    return None;
+                }
+                let span = |i: usize| (p.kernel[i] - 1) * p.dilation[i] + 1;
+                let oh = (h + p.pad[0] + p.pad[2]).checked_sub(span(0))? / p.stride[0] + 1;
+                let ow = (w + p.pad[1] + p.pad[3]).checked_sub(span(1))? / p.stride[1] + 1;
+                let total = n * oh * ow;
+                let step = total.div_ceil(max).max(1);
+                let mut rows = Vec::with_capacity(total.div_ceil(step) * self.k);
+                for o in (0..total).step_by(step) {
+                    let (img, oy, ox) = (o / (oh * ow), (o / ow) % oh, o % ow);
+                    let start = rows.len();
+                    rows.resize(start + self.k, 0.0);
+                    for ky in 0..p.kernel[0] {
+                        let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.pad[0] as isize;
+                        for kx in 0..p.kernel[1] {
+                            let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.pad[1] as isize;
+                            if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
+                                continue;
+                            }
+                            let base = start + (ky * p.kernel[1] + kx) * self.period;
+                            for ch in 0..c {
+                                rows[base + ch] = xv[((img * c + ch) * h + iy as usize) * w + ix as usize];
+                            }
+                        }
+                    }
+                }
+                Some(rows)
+            }
+        }
+    }
+
+    /// Largest |w| of each input channel.
+    fn channel_absmax(&self) -> Vec<f32> {
+        let mut m = vec![0f32; self.channels];
+        for (r, row) in self.w.chunks_exact(self.n).enumerate() {
+            if let Some(mc) = m.get_mut(r % self.period) {
+                *mc = row.iter().fold(*mc, |a, v| a.max(v.abs()));
+            }
+        }
+        m
+    }
+
+    /// The packed int8 weights, with row r divided by `mul[r % period]` when smoothing.
+    fn quantize(&self, mul: Option<&[f32]>) -> Result<QWeights> {
+        let scaled;
+        let w = match mul {
+            Some(mul) => {
+                scaled = self
+                    .w
+                    .chunks_exact(self.n)
+                    .enumerate()
+                    .flat_map(|(r, row)| {
+                        let f = mul.get(r % self.period).map_or(1.0, |m| 1.0 / m);
+                        row.iter().map(move |v| v * f)
+                    })
+                    .collect::<Vec<f32>>();
+                &scaled
+            }
+            None => &self.w,
+        };
+        qgemm::quantize_weights(w, self.k, self.n, self.n, 1)
+    }
 }
 
 fn attr(name: &str, value: AttrValue) -> Attribute {
@@ -112,7 +223,7 @@ fn plan_matmul(g: &Graph, i: usize, x: ValueId, w: &Tensor) -> std::result::Resu
     let gemm = n.op == "Gemm";
     let trans_b = gemm && n.attr_int("transB").unwrap_or(0) != 0;
     let (k, cols) = if trans_b { (w.shape()[1], w.shape()[0]) } else { (w.shape()[0], w.shape()[1]) };
-    let (rs, cs) = if trans_b { (1, k) } else { (cols, 1) };
+
     if k < MIN_K {
         return Err("tiny K");
     }
@@ -121,18 +232,12 @@ fn plan_matmul(g: &Graph, i: usize, x: ValueId, w: &Tensor) -> std::result::Resu
     }
     let x_rank = g.values[x].ty.shape().map(|s| s.len());
     let mut bias = None;
-    let mut scaled;
-    let mut wdata = wv;
+    let mut alpha = 1.0;
     if gemm {
         if n.attr_int("transA").unwrap_or(0) != 0 || x_rank != Some(2) {
             return Err("Gemm with transA or A not 2-D");
         }
-        let alpha = n.attr_float("alpha").unwrap_or(1.0);
-        if alpha != 1.0 {
-            scaled = wv.to_vec();
-            scaled.iter_mut().for_each(|v| *v *= alpha);
-            wdata = &scaled;
-        }
+        alpha = n.attr_float("alpha").unwrap_or(1.0);
         if let Some(c) = n.input(2) {
             let ct = f32_const(g, Some(c)).ok_or("Gemm C not a constant")?;
             bias = Some(bias_vec(ct, cols, n.attr_float("beta").unwrap_or(1.0)).ok_or("Gemm C not a row")?);
@@ -145,10 +250,17 @@ fn plan_matmul(g: &Graph, i: usize, x: ValueId, w: &Tensor) -> std::result::Resu
         // MatMul with a 1-D A drops a dim; leave that rare case to the float kernel.
         return Err("MatMul with A of unknown or 1-D shape");
     }
-    let q = qgemm::quantize_weights(wdata, k, cols, rs, cs).map_err(|_| "weights not finite")?;
+    if !wv.iter().all(|v| v.is_finite()) {
+        return Err("weights not finite");
+    }
+    let w: Vec<f32> = if trans_b {
+        (0..k * cols).map(|i| wv[(i % cols) * k + i / cols] * alpha).collect()
+    } else {
+        wv.iter().map(|v| v * alpha).collect()
+    };
     let mut attrs = act_attrs(n);
     attrs.push(attr("k", AttrValue::Int(k as i64)));
-    Ok(Plan { node: i, op: "MatMulInt8", x, w: q, bias, attrs })
+    Ok(Plan { node: i, op: "MatMulInt8", x, w, k, n: cols, channels: k, period: k, axis: ChannelAxis::Last, patch: None, bias, attrs })
 }
 
 fn plan_conv(g: &Graph, i: usize, x: ValueId, w: &Tensor) -> std::result::Result<Plan, &'static str> {
@@ -180,7 +292,9 @@ fn plan_conv(g: &Graph, i: usize, x: ValueId, w: &Tensor) -> std::result::Result
             }
         }
     }
-    let q = qgemm::quantize_weights(&wk, k, m, m, 1).map_err(|_| "weights not finite")?;
+    if !wk.iter().all(|v| v.is_finite()) {
+        return Err("weights not finite");
+    }
     let bias = match n.input(2) {
         Some(b) => Some(bias_vec(f32_const(g, Some(b)).ok_or("bias not a constant")?, m, 1.0).ok_or("bias shape")?),
         None => None,
@@ -193,30 +307,252 @@ fn plan_conv(g: &Graph, i: usize, x: ValueId, w: &Tensor) -> std::result::Result
         .collect();
     attrs.push(attr("kernel_shape", AttrValue::Ints(vec![kh as i64, kw as i64])));
     attrs.push(attr("channels", AttrValue::Int(c as i64)));
-    Ok(Plan { node: i, op: "ConvInt8", x, w: q, bias, attrs })
+    let ints = |name: &str, len: usize, default: usize| -> Option<Vec<usize>> {
+        match n.attrs.iter().find(|a| a.name == name).map(|a| &a.value) {
+            None => Some(vec![default; len]),
+            Some(AttrValue::Ints(v)) if v.len() == len && v.iter().all(|&x| x >= 0) => Some(v.iter().map(|&x| x as usize).collect()),
+            _ => None,
+        }
+    };
+    let explicit = n.attr_str("auto_pad").is_none_or(|s| s == "NOTSET");
+    let patch = match (explicit, ints("strides", 2, 1), ints("dilations", 2, 1), ints("pads", 4, 0)) {
+        (true, Some(st), Some(d), Some(pd)) if st.iter().chain(&d).all(|&v| v > 0) => Some(Patch {
+            kernel: [kh, kw],
+            stride: [st[0], st[1]],
+            dilation: [d[0], d[1]],
+            pad: [pd[0], pd[1], pd[2], pd[3]],
+        }),
+        _ => None,
+    };
+    Ok(Plan { node: i, op: "ConvInt8", x, w: wk, k, n: m, channels: c, period: cp, axis: ChannelAxis::Second, patch, bias, attrs })
+}
+
+/// How the int8 kernels quantize one input value (static int8).
+#[derive(Clone, Debug)]
+struct InputQ {
+    scale: f32,
+    zero: i32,
+    /// Per-channel smoothing multipliers (1/s_c), when smoothing.
+    mul: Option<Vec<f32>>,
+}
+
+/// What static int8 learned from the calibration set.
+#[derive(Default)]
+struct Calib {
+    inputs: BTreeMap<ValueId, InputQ>,
+    /// GPTQ-rounded weights per layer (static int8 with `--int8-weights gptq`), computed once:
+    /// the accuracy budget rewrites layers many times.
+    gptq: HashMap<LayerId, QWeights>,
+}
+
+/// SmoothQuant factors s_c = max|X_c|^α / max|W_c|^(1-α), returned as multipliers 1/s_c for
+/// the activation. Channels with no signal on either side keep 1. The factors are bounded so
+/// a dead channel does not blow up its weights.
+fn smoothing_muls(x_max: &[f32], w_max: &[f32], alpha: f32) -> Vec<f32> {
+    x_max
+        .iter()
+        .zip(w_max)
+        .map(|(&xm, &wm)| {
+            if !(xm > 0.0 && wm > 0.0) {
+                return 1.0;
+            }
+            let s = xm.powf(alpha) / wm.powf(1.0 - alpha);
+            if s.is_finite() && s > 0.0 { 1.0 / s.clamp(1e-4, 1e4) } else { 1.0 }
+        })
+        .collect()
+}
+
+/// The strengths `--smoothing auto` weighs against no smoothing.
+const AUTO_ALPHAS: [f32; 5] = [0.3, 0.5, 0.6, 0.75, 0.9];
+
+/// Estimated squared error, summed over the outputs of every consumer, of quantizing the input
+/// (per tensor, u8) and the weights (per output column, int8) after smoothing with `mul`: each
+/// is uniform rounding noise of step²/12, carried through the product by the other operand's
+/// second moment. Clipping is ignored; the estimate only ranks the choices for one input.
+fn noise_estimate(st: &ChannelStats, consumers: &[&Plan], mul: &[f32]) -> f64 {
+    let hi = st.absmax.iter().zip(mul).fold(0f64, |h, (&x, &m)| h.max((x * m) as f64));
+    let step_x = if st.min >= 0.0 { hi / 255.0 } else { 2.0 * hi / 255.0 };
+    let (mut w_sq, mut from_w) = (0f64, 0f64);
+    for p in consumers {
+        let mut col_max = vec![0f64; p.n];
+        let mut x_sq = 0f64;
+        for (r, row) in p.w.chunks_exact(p.n).enumerate() {
+            let c = r % p.period;
+            if c >= p.channels {
+                continue;
+            }
+            let f = 1.0 / mul[c] as f64;
+            x_sq += st.mean_sq[c] * (mul[c] as f64).powi(2);
+            for (cm, &w) in col_max.iter_mut().zip(row) {
+                let w = w as f64 * f;
+                *cm = cm.max(w.abs());
+                w_sq += w * w;
+            }
+        }
+        from_w += col_max.iter().map(|m| (m / 127.0).powi(2) / 12.0).sum::<f64>() * x_sq;
+    }
+    w_sq * step_x * step_x / 12.0 + from_w
 }
 
 impl QuantInt8 {
-    /// The calibrated u8 (scale, zero point) of every planned node's input.
-    fn calibrate(&self, model: &Model, plans: &[Plan]) -> Result<BTreeMap<ValueId, (f32, i32)>> {
-        let dir = self.calibration.as_ref().ok_or_else(|| Error::Input("--quantize int8 needs --calibration DIR".into()))?;
-        let samples = calibrate::load_samples(dir, model)?;
-        if samples.is_empty() {
-            return Err(Error::Input(format!("no calibration samples in {}", dir.display())));
+    /// Smoothing multipliers for each planned input value, as `--smoothing` asks.
+    fn smoothing(&self, model: &Model, samples: &Samples, plans: &[Plan]) -> Result<HashMap<ValueId, (ChannelAxis, Vec<f32>)>> {
+        let mut out = HashMap::new();
+        if self.opts.smoothing == Smoothing::Off {
+            return Ok(out);
         }
+        // One set of factors per input value: its consumers (e.g. Q, K and V) share it. Values
+        // whose consumers disagree on where the channels are stay unsmoothed.
+        let mut by_x: BTreeMap<ValueId, Vec<&Plan>> = BTreeMap::new();
+        for p in plans {
+            by_x.entry(p.x).or_default().push(p);
+        }
+        by_x.retain(|_, ps| ps.iter().all(|p| p.axis == ps[0].axis && p.channels == ps[0].channels));
+        let axes: Vec<(ValueId, ChannelAxis)> = by_x.iter().map(|(&x, ps)| (x, ps[0].axis)).collect();
+        let stats = calibrate::channel_stats(model, samples, &axes)?;
+        for (x, ps) in by_x {
+            let Some(st) = stats.get(&x).filter(|st| st.absmax.len() == ps[0].channels) else { continue };
+            let mut w_max = vec![0f32; ps[0].channels];
+            for p in &ps {
+                w_max.iter_mut().zip(p.channel_absmax()).for_each(|(a, b)| *a = a.max(b));
+            }
+            let chosen = match self.opts.smoothing {
+                Smoothing::Alpha(a) => Some(smoothing_muls(&st.absmax, &w_max, a)),
+                _ => {
+                    let none = vec![1f32; w_max.len()];
+                    let mut best = (noise_estimate(st, &ps, &none), None);
+                    for a in AUTO_ALPHAS {
+                        let m = smoothing_muls(&st.absmax, &w_max, a);
+                        let e = noise_estimate(st, &ps, &m);
+                        if e < best.0 {
+                            best = (e, Some(m));
+                        }
+                    }
+                    best.1
+                }
+            };
+            if let Some(m) = chosen {
+                out.insert(x, (ps[0].axis, m));
+            }
+        }
+        Ok(out)
+    }
+
+    /// GPTQ statistics of every planned layer whose K allows it.
+    fn hessians(&self, model: &Model, samples: &Samples, plans: &[Plan]) -> Result<HashMap<LayerId, Hessian>> {
+        let g = &model.graph;
+        let chosen: Vec<&Plan> = plans.iter().filter(|p| p.k <= gptq::MAX_K && (p.patch.is_some() || p.axis == ChannelAxis::Last)).collect();
+        let mut hess: HashMap<LayerId, Hessian> = HashMap::new();
+        let mut failed: Option<Error> = None;
+        let mut watch: Vec<ValueId> = chosen.iter().map(|p| p.x).collect::<HashSet<_>>().into_iter().collect();
+        watch.sort_unstable();
+        calibrate::observe(model, samples, &watch, &mut |_, v, t| {
+            for p in chosen.iter().filter(|p| p.x == v) {
+                let Some(layer) = g.nodes[p.node].output(0) else { continue };
+                if let Some(rows) = p.gemm_rows(t, rows_per_sample(p.k)) {
+                    if let Err(e) = hess.entry(layer).or_insert_with(|| Hessian::new(p.k)).add_rows(&rows) {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(hess),
+        }
+    }
+
+    /// GPTQ-rounded weights of every planned layer whose statistics could be gathered (layers in
+    /// parallel: each factorises its own K×K matrix).
+    fn gptq(
+        &self,
+        model: &Model,
+        samples: &Samples,
+        plans: &[Plan],
+        inputs: &BTreeMap<ValueId, InputQ>,
+    ) -> Result<HashMap<LayerId, QWeights>> {
+        let hess = self.hessians(model, samples, plans)?;
+        let g = &model.graph;
+        let jobs: Vec<(LayerId, &Plan, &Hessian)> = plans
+            .iter()
+            .filter_map(|p| {
+                let l = g.nodes[p.node].output(0)?;
+                Some((l, p, hess.get(&l)?))
+            })
+            .collect();
+        jobs.into_par_iter()
+            .filter_map(|(l, p, h)| {
+                let mul = inputs.get(&p.x).and_then(|q| q.mul.as_deref());
+                Some(gptq::quantize(&p.w, p.k, p.n, h, mul, p.period)?.map(|w| (l, w)))
+            })
+            .collect()
+    }
+
+    /// The calibrated u8 parameters (and smoothing) of every planned node's input.
+    fn calibrate(&self, model: &Model, samples: &Samples, plans: &[Plan]) -> Result<(Calib, usize)> {
         let mut watch: Vec<ValueId> = plans.iter().map(|p| p.x).collect::<HashSet<_>>().into_iter().collect();
         watch.sort_unstable();
-        let ranges = calibrate::ranges(model, &samples, &watch, self.calibrator)?;
-        watch
+        let mut muls = self.smoothing(model, samples, plans)?;
+        let ranges = calibrate::ranges_scaled(model, samples, &watch, self.opts.calibrator, &muls)?;
+        let smoothed = muls.len();
+        let params = watch
             .iter()
             .map(|&v| {
                 let &(lo, hi) = ranges.get(&v).ok_or_else(|| {
                     Error::Other(format!("calibration saw no values of '{}'", model.graph.values[v].name))
                 })?;
-                Ok((v, qgemm::u8_params(lo, hi)))
+                let (scale, zero) = qgemm::u8_params(lo, hi);
+                Ok((v, InputQ { scale, zero, mul: muls.remove(&v).map(|m| m.1) }))
             })
-            .collect()
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let gptq = if self.opts.int8_gptq { self.gptq(model, samples, plans, &params)? } else { HashMap::new() };
+        Ok((Calib { inputs: params, gptq }, smoothed))
     }
+}
+
+/// Rewrite the planned nodes whose layer (first output) is in `layers`; returns (MatMul, Conv)
+/// counts. Static parameters come from `params` (empty for int8-dynamic).
+fn rewrite(model: &mut Model, layers: &[LayerId], calib: &Calib) -> Result<(usize, usize)> {
+    let chosen: HashSet<LayerId> = layers.iter().copied().collect();
+    let g = &mut model.graph;
+    let plans: Vec<Plan> = (0..g.nodes.len())
+        .filter(|&i| g.nodes[i].output(0).is_some_and(|o| chosen.contains(&o)))
+        .filter_map(|i| plan(g, i)?.ok())
+        .collect();
+    let (mut mm, mut conv) = (0, 0);
+    for p in plans {
+        let base = g.nodes[p.node].name.clone();
+        let iq = calib.inputs.get(&p.x);
+        let mul = iq.and_then(|q| q.mul.as_deref());
+        let layer = g.nodes[p.node].output(0);
+        let w = match layer.and_then(|l| calib.gptq.get(&l)) {
+            Some(w) => w.clone(),
+            None => p.quantize(mul)?,
+        };
+        let n = w.n;
+        let packed = g.add_const(format!("{base}.w_int8"), Tensor::from_vec(&[w.packed.len()], w.packed)?);
+        let scale = g.add_const(format!("{base}.w_scale"), Tensor::from_vec(&[n], w.scale)?);
+        let sum = g.add_const(format!("{base}.w_sum"), Tensor::from_vec(&[n], w.sum)?);
+        let bias = p.bias.map(|b| Tensor::from_vec(&[n], b)).transpose()?.map(|b| g.add_const(format!("{base}.bias"), b));
+        let mut attrs = p.attrs;
+        let mut inputs = vec![Some(p.x), Some(packed), Some(scale), Some(sum), bias];
+        if let Some(q) = iq {
+            attrs.push(attr("a_scale", AttrValue::Float(q.scale)));
+            attrs.push(attr("a_zero", AttrValue::Int(q.zero as i64)));
+            if let Some(m) = mul {
+                inputs.push(Some(g.add_const(format!("{base}.x_mul"), Tensor::from_vec(&[m.len()], m.to_vec())?)));
+            }
+        }
+        let node = &mut g.nodes[p.node];
+        node.op = p.op.into();
+        node.domain = KILN.into();
+        node.opset = 1;
+        node.inputs = inputs;
+        node.outputs.truncate(1);
+        node.attrs = attrs;
+        if p.op == "ConvInt8" { conv += 1 } else { mm += 1 }
+    }
+    Ok((mm, conv))
 }
 
 impl Pass for QuantInt8 {
@@ -234,35 +570,50 @@ impl Pass for QuantInt8 {
                 None => {}
             }
         }
-        let params = if self.dynamic || plans.is_empty() { BTreeMap::new() } else { self.calibrate(model, &plans)? };
-        let (mut mm, mut conv) = (0, 0);
-        let g = &mut model.graph;
-        for p in plans {
-            let base = g.nodes[p.node].name.clone();
-            let n = p.w.n;
-            let packed = g.add_const(format!("{base}.w_int8"), Tensor::from_vec(&[p.w.packed.len()], p.w.packed)?);
-            let scale = g.add_const(format!("{base}.w_scale"), Tensor::from_vec(&[n], p.w.scale)?);
-            let sum = g.add_const(format!("{base}.w_sum"), Tensor::from_vec(&[n], p.w.sum)?);
-            let bias = p.bias.map(|b| Tensor::from_vec(&[n], b)).transpose()?.map(|b| g.add_const(format!("{base}.bias"), b));
-            let mut attrs = p.attrs;
-            if let Some(&(s, z)) = params.get(&p.x) {
-                attrs.push(attr("a_scale", AttrValue::Float(s)));
-                attrs.push(attr("a_zero", AttrValue::Int(z as i64)));
+        let samples = match &self.opts.calibration {
+            Some(dir) if !plans.is_empty() && (!self.dynamic || self.opts.accuracy_budget.is_some()) => {
+                let s = calibrate::load_samples(dir, model)?;
+                if s.is_empty() {
+                    return Err(Error::Input(format!("no calibration samples in {}", dir.display())));
+                }
+                Some(s)
             }
-            let node = &mut g.nodes[p.node];
-            node.op = p.op.into();
-            node.domain = KILN.into();
-            node.opset = 1;
-            node.inputs = vec![Some(p.x), Some(packed), Some(scale), Some(sum), bias];
-            node.outputs.truncate(1);
-            node.attrs = attrs;
-            if p.op == "ConvInt8" { conv += 1 } else { mm += 1 }
-        }
-        let mut notes = vec![format!(
+            Some(_) => None,
+            None if self.dynamic => None,
+            None => return Err(Error::Input("--quantize int8 needs --calibration DIR".into())),
+        };
+        let (calib, smoothed) = match (&samples, self.dynamic) {
+            (Some(s), false) => self.calibrate(model, s, &plans)?,
+            _ => (Calib::default(), 0),
+        };
+        let layers: Vec<LayerId> = plans.iter().filter_map(|p| model.graph.nodes[p.node].output(0)).collect();
+        drop(plans);
+        let mut notes = Vec::new();
+        let keep_float = match (self.opts.accuracy_budget, &samples) {
+            (Some(b), Some(s)) => {
+                let q = |m: &mut Model, l: &[LayerId]| rewrite(m, l, &calib).map(|_| ());
+                let sel = budget::select(model, s, &layers, &q, b)?;
+                notes.extend(budget::table(&sel));
+                sel.kept_float
+            }
+            _ => Vec::new(),
+        };
+        let chosen: Vec<LayerId> = layers.iter().copied().filter(|l| !keep_float.contains(l)).collect();
+        let (mm, conv) = rewrite(model, &chosen, &calib)?;
+        notes.push(format!(
             "{}: quantized {} layers ({mm} MatMul/Gemm, {conv} Conv)",
             self.name(),
             mm + conv
-        )];
+        ));
+        if !calib.gptq.is_empty() {
+            notes.push(format!("GPTQ weight rounding: {} layers (the rest rounded to nearest)", calib.gptq.len()));
+        }
+        if smoothed > 0 {
+            notes.push(format!("smoothing ({:?}): {smoothed} of the layers' input values smoothed", self.opts.smoothing));
+        }
+        if !keep_float.is_empty() {
+            *kept.entry("by the accuracy budget").or_default() += keep_float.len();
+        }
         let kept_total: usize = kept.values().sum();
         if kept_total > 0 {
             let why: Vec<String> = kept.iter().map(|(w, c)| format!("{c} {w}")).collect();

@@ -3,8 +3,8 @@
 //! quantized to u8 on entry, the product runs on the int8 GEMM (`cpu::qgemm`) and dequantization,
 //! bias and activation happen in its epilogue.
 //!
-//! - `MatMulInt8(A[..., K], W, w_scale[N], w_sum[N], bias[N]?)`, attribute `k`.
-//! - `ConvInt8(X[N, C, H, W], W, w_scale[M], w_sum[M], bias[M]?)`: 2-D, group 1, with Conv's
+//! - `MatMulInt8(A[..., K], W, w_scale[N], w_sum[N], bias[N]?, x_mul[K]?)`, attribute `k`.
+//! - `ConvInt8(X[N, C, H, W], W, w_scale[M], w_sum[M], bias[M]?, x_mul[C]?)`: 2-D, group 1, with Conv's
 //!   `kernel_shape` (required), `strides`, `pads`, `dilations`, `auto_pad`, and `channels` = C.
 //!   The weight's K runs over (ky, kx, c) with c padded to a multiple of 4, so the input is
 //!   quantized once into an NHWC u8 buffer and each im2col row is kernel-area copies of one pixel's
@@ -14,6 +14,11 @@
 //! `a_scale` (float) and `a_zero` (int) give the static, calibrated u8 quantization of the input;
 //! without them it is chosen at run time (per row of A for MatMulInt8, per tensor for ConvInt8).
 //! Both take FusedMatMul's `activation` and `activation_params`.
+//!
+//! `x_mul` (static only) multiplies each input channel before quantization: the compiler moved
+//! 1/x_mul into the weights' rows (SmoothQuant-style smoothing, so one per-tensor u8 range fits
+//! channels of very different magnitude). It costs nothing extra: quantization reads every
+//! element anyway.
 
 use rayon::prelude::*;
 
@@ -71,6 +76,16 @@ fn static_params(ctx: &OpCtx) -> Result<Option<(f32, i32)>> {
     }
 }
 
+/// The optional per-channel input multiplier (input 5) of `len` values; only with static params.
+fn x_mul<'a>(ctx: &OpCtx, inputs: &'a [Option<Tensor>], len: usize, is_static: bool) -> Result<Option<&'a [f32]>> {
+    match ctx.opt_input(inputs, 5) {
+        None => Ok(None),
+        Some(_) if !is_static => Err(ctx.unsupported("x_mul needs a_scale / a_zero")),
+        Some(m) if m.dtype() == DType::F32 && m.len() == len => Ok(Some(m.view::<f32>()?)),
+        Some(m) => Err(Error::Shape(format!("{} '{}': x_mul {:?} for {len} channels", ctx.op(), ctx.name(), m.shape()))),
+    }
+}
+
 fn positive_attr(ctx: &OpCtx, name: &str) -> Result<usize> {
     match ctx.attr_i_opt(name) {
         Some(v) if v > 0 => Ok(v as usize),
@@ -88,13 +103,18 @@ fn matmul_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     }
     let m = a.len() / k;
     let av = a.view::<f32>()?;
-    let (q, scale, zero) = match static_params(ctx)? {
+    let params = static_params(ctx)?;
+    let mul = x_mul(ctx, inputs, k, params.is_some())?;
+    let (q, scale, zero) = match params {
         None => qgemm::quantize_rows(av, m, k),
         Some((s, z)) => {
             let ld = qgemm::padded_k(k);
             let mut q = vec![0u8; m * ld];
             for (dst, src) in q.chunks_mut(ld).zip(av.chunks(k)) {
-                qgemm::quantize_u8(src, &mut dst[..k], s, z);
+                match mul {
+                    Some(mul) => qgemm::quantize_u8_scaled(src, mul, &mut dst[..k], s, z),
+                    None => qgemm::quantize_u8(src, &mut dst[..k], s, z),
+                }
             }
             (q, vec![s], vec![z])
         }
@@ -166,15 +186,17 @@ fn conv_geo(ctx: &OpCtx, x: &Tensor) -> Result<ConvGeo> {
 /// Pixels per task when building im2col rows (a multiple of every kernel's tile height).
 const PIXEL_CHUNK: usize = 128;
 
-/// Quantize one NCHW image into NHWC u8 with `cp` bytes per pixel (padding channels zero).
-fn quantize_nhwc(x: &[f32], g: &ConvGeo, s: f32, z: i32, dst: &mut [u8]) {
+/// Quantize one NCHW image into NHWC u8 with `cp` bytes per pixel (padding channels zero),
+/// channel c multiplied by `mul[c]` first when given.
+fn quantize_nhwc(x: &[f32], g: &ConvGeo, s: f32, z: i32, mul: Option<&[f32]>, dst: &mut [u8]) {
     let hw = g.h * g.w;
-    let (inv, zf) = (1.0 / s, z as f32);
+    let zf = z as f32;
     crate::cpu::par::chunks_mut(dst, PIXEL_CHUNK * g.cp, |t, out| {
         isa::with_isa(#[inline(always)] || {
             let p0 = t * PIXEL_CHUNK;
             let np = out.len() / g.cp;
             for c in 0..g.c {
+                let inv = mul.map_or(1.0, |m| m[c]) / s;
                 let src = &x[c * hw + p0..c * hw + p0 + np];
                 for (p, &v) in src.iter().enumerate() {
                     out[p * g.cp + c] = qgemm::q_u8(v, inv, zf);
@@ -218,7 +240,9 @@ fn conv_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let (w, bias) = weights(ctx, inputs, g.k())?;
     let act = act_from_ctx(ctx)?;
     let xv = x.view::<f32>()?;
-    let (s, z) = match static_params(ctx)? {
+    let params = static_params(ctx)?;
+    let mul = x_mul(ctx, inputs, g.c, params.is_some())?;
+    let (s, z) = match params {
         Some(p) => p,
         None => {
             let (lo, hi) = xv.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
@@ -232,7 +256,7 @@ fn conv_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let (scale, zero) = ([s], [z]);
     let mut nhwc = vec![0u8; hw * g.cp];
     for (img, yimg) in y.chunks_mut(w.n * ohw).enumerate() {
-        quantize_nhwc(&xv[img * g.c * hw..(img + 1) * g.c * hw], &g, s, z, &mut nhwc);
+        quantize_nhwc(&xv[img * g.c * hw..(img + 1) * g.c * hw], &g, s, z, mul, &mut nhwc);
         if g.pointwise() {
             let acts = QActs { data: &nhwc, ld: g.cp, scale: &scale, zero: &zero };
             let out = qgemm::Out { data: yimg, rs: 1, cs: ohw };
@@ -324,49 +348,91 @@ mod tests {
         assert!(run("MatMulInt8", vec![int("k", 69)], ins).is_err());
     }
 
-    #[test]
-    fn conv_int8_matches_float_conv() {
-        let (c, h, wd, co, kh, kw) = (3usize, 7usize, 6usize, 4usize, 3usize, 3usize);
-        let x = rand_f32(c * h * wd, 4, 1.0);
-        let wt = rand_f32(co * c * kh * kw, 5, 1.0);
-        let bias = rand_f32(co, 6, 1.0);
-        // Reference: stride 1, pad 1.
-        let mut want = vec![0f32; co * h * wd];
+    /// Float reference convolution (NCHW, group 1), pads = [top, left, bottom, right].
+    #[allow(clippy::too_many_arguments)]
+    fn conv_ref(x: &[f32], c: usize, h: usize, wd: usize, wt: &[f32], co: usize, k: [usize; 2], st: [usize; 2], pads: [usize; 4], dil: [usize; 2], bias: &[f32]) -> (Vec<f32>, usize, usize) {
+        let oh = (h + pads[0] + pads[2] - ((k[0] - 1) * dil[0] + 1)) / st[0] + 1;
+        let ow = (wd + pads[1] + pads[3] - ((k[1] - 1) * dil[1] + 1)) / st[1] + 1;
+        let mut want = vec![0f32; co * oh * ow];
         for o in 0..co {
-            for y in 0..h {
-                for xx in 0..wd {
+            for y in 0..oh {
+                for xx in 0..ow {
                     let mut acc = bias[o];
                     for ci in 0..c {
-                        for ky in 0..kh {
-                            for kx in 0..kw {
-                                let (iy, ix) = (y as isize + ky as isize - 1, xx as isize + kx as isize - 1);
+                        for ky in 0..k[0] {
+                            for kx in 0..k[1] {
+                                let iy = (y * st[0] + ky * dil[0]) as isize - pads[0] as isize;
+                                let ix = (xx * st[1] + kx * dil[1]) as isize - pads[1] as isize;
                                 if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
-                                    acc += x[(ci * h + iy as usize) * wd + ix as usize] * wt[((o * c + ci) * kh + ky) * kw + kx];
+                                    acc += x[(ci * h + iy as usize) * wd + ix as usize] * wt[((o * c + ci) * k[0] + ky) * k[1] + kx];
                                 }
                             }
                         }
                     }
-                    want[(o * h + y) * wd + xx] = acc;
+                    want[(o * oh + y) * ow + xx] = acc;
                 }
             }
         }
-        // Weights as the kernel reads them: K = (ky·kw + kx)·cp + ci, zero for padded channels.
-        let cp = qgemm::padded_k(c);
-        let kk = kh * kw * cp;
-        let mut wm = vec![0f32; kk * co];
-        for o in 0..co {
-            for ci in 0..c {
-                for t in 0..kh * kw {
-                    wm[(t * cp + ci) * co + o] = wt[(o * c + ci) * kh * kw + t];
+        (want, oh, ow)
+    }
+
+    /// ConvInt8 against the float reference on several geometries (asymmetric pads, strides
+    /// per axis, dilation, 1-row images), with dynamic and static input ranges.
+    #[test]
+    fn conv_int8_matches_float_conv() {
+        let cases: [(usize, usize, usize, usize, [usize; 2], [usize; 2], [usize; 4], [usize; 2]); 6] = [
+            (3, 7, 6, 4, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+            (40, 1, 12, 6, [1, 3], [1, 1], [0, 1, 0, 1], [1, 1]),
+            (9, 9, 8, 20, [3, 3], [2, 1], [1, 1, 1, 1], [1, 1]),
+            (5, 8, 9, 3, [3, 3], [1, 2], [0, 2, 1, 0], [1, 1]),
+            (6, 9, 9, 5, [3, 3], [1, 1], [2, 2, 2, 2], [2, 2]),
+            (17, 5, 5, 33, [1, 1], [1, 1], [0, 0, 0, 0], [1, 1]),
+        ];
+        for (i, &(c, h, wd, co, k, st, pads, dil)) in cases.iter().enumerate() {
+            let x = rand_f32(c * h * wd, 4 + i as u64, 1.0);
+            let wt = rand_f32(co * c * k[0] * k[1], 5 + i as u64, 1.0);
+            let bias = rand_f32(co, 6 + i as u64, 1.0);
+            let (want, oh, ow) = conv_ref(&x, c, h, wd, &wt, co, k, st, pads, dil, &bias);
+            // Weights as the kernel reads them: K = (ky·kw + kx)·cp + ci, zero for padded channels.
+            let cp = qgemm::padded_k(c);
+            let kk = k[0] * k[1] * cp;
+            let mut wm = vec![0f32; kk * co];
+            for o in 0..co {
+                for ci in 0..c {
+                    for t in 0..k[0] * k[1] {
+                        wm[(t * cp + ci) * co + o] = wt[(o * c + ci) * k[0] * k[1] + t];
+                    }
                 }
             }
+            let q = qgemm::quantize_weights(&wm, kk, co, co, 1).unwrap();
+            let mut ins = vec![Some(Tensor::from_vec(&[1, c, h, wd], x.clone()).unwrap())];
+            ins.extend(packed_inputs(&q, &bias));
+            let geo = vec![
+                ints("kernel_shape", &[k[0] as i64, k[1] as i64]),
+                ints("strides", &[st[0] as i64, st[1] as i64]),
+                ints("dilations", &[dil[0] as i64, dil[1] as i64]),
+                ints("pads", &pads.map(|p| p as i64)),
+                int("channels", c as i64),
+            ];
+            let y = run("ConvInt8", geo.clone(), ins.clone()).unwrap().remove(0);
+            assert_eq!(y.shape(), &[1, co, oh, ow], "case {i}");
+            let e = rel_err(y.view::<f32>().unwrap(), &want);
+            assert!(e < 0.03, "case {i}: dynamic error {e}");
+            // Static range plus a per-channel multiplier with its inverse folded into the weights.
+            let mul: Vec<f32> = (0..c).map(|ci| 0.5 + ci as f32 * 0.37 % 2.0).collect();
+            let wm2: Vec<f32> = wm.iter().enumerate().map(|(r, &v)| v / mul.get((r / co) % cp).copied().unwrap_or(1.0)).collect();
+            let q2 = qgemm::quantize_weights(&wm2, kk, co, co, 1).unwrap();
+            let peak = x.iter().zip((0..).map(|i| mul[(i / (h * wd)) % c])).fold(0f32, |m, (v, f)| m.max((v * f).abs()));
+            let (s, z) = qgemm::u8_params(-peak, peak);
+            let mut ins2 = vec![Some(Tensor::from_vec(&[1, c, h, wd], x.clone()).unwrap())];
+            ins2.extend(packed_inputs(&q2, &bias));
+            ins2.push(Some(Tensor::from_vec(&[c], mul).unwrap()));
+            let mut attrs = geo;
+            attrs.push(Attr { name: "a_scale".into(), f: s, ..Default::default() });
+            attrs.push(int("a_zero", z as i64));
+            let y2 = run("ConvInt8", attrs, ins2).unwrap().remove(0);
+            let e2 = rel_err(y2.view::<f32>().unwrap(), &want);
+            assert!(e2 < 0.03, "case {i}: static smoothed error {e2}");
         }
-        let q = qgemm::quantize_weights(&wm, kk, co, co, 1).unwrap();
-        let mut ins = vec![Some(Tensor::from_vec(&[1, c, h, wd], x).unwrap())];
-        ins.extend(packed_inputs(&q, &bias));
-        let attrs = vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1]), int("channels", c as i64)];
-        let y = run("ConvInt8", attrs, ins).unwrap().remove(0);
-        assert_eq!(y.shape(), &[1, co, h, wd]);
-        assert!(rel_err(y.view::<f32>().unwrap(), &want) < 0.03);
     }
 }

@@ -162,6 +162,17 @@ pub fn quantize_u8(src: &[f32], dst: &mut [u8], scale: f32, zero: i32) {
     })
 }
 
+/// `quantize_u8` with a multiplier per element of each row (`mul`, as long as a row): the
+/// static-int8 smoothing factors, applied on the way in at no extra pass over memory.
+pub fn quantize_u8_scaled(src: &[f32], mul: &[f32], dst: &mut [u8], scale: f32, zero: i32) {
+    let (inv, z) = (1.0 / scale, zero as f32);
+    isa::with_isa(#[inline(always)] || {
+        for ((d, &x), &m) in dst.iter_mut().zip(src).zip(mul) {
+            *d = q_u8(x * m, inv, z);
+        }
+    })
+}
+
 /// One element of `quantize_u8` (with `inv` = 1/scale): branch-free so that loops calling it
 /// vectorise. The clamp comes first (as selects: NaN fails `v > 0` and becomes 0) so the value is in
 /// [0, 255]; adding 2²³ then rounds it to the nearest integer, ties to even (like
