@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_passes::pipeline::compile_model;
-use kiln_passes::compress::CompressOptions;
+use kiln_passes::compress::{CompressOptions, Int4Method};
 use kiln_passes::CompileOptions;
 use kiln_runtime::{Error, Result};
 
@@ -59,9 +59,10 @@ pub struct Args {
     /// int4: block size along K (32, 64 or 128).
     #[arg(long, default_value_t = 32)]
     block_size: usize,
-    /// int4: rtn (round to nearest) or awq (activation-aware, needs --calibration).
-    #[arg(long, default_value = "rtn", value_name = "METHOD")]
-    int4_method: String,
+    /// int4: rtn (round to nearest), awq (activation-aware) or gptq (error-compensating); awq
+    /// and gptq need --calibration. Default: gptq with --calibration, else rtn.
+    #[arg(long, value_name = "METHOD")]
+    int4_method: Option<String>,
     /// int4: scale type, f16 or f32.
     #[arg(long, default_value = "f16", value_name = "TYPE")]
     int4_scales: String,
@@ -86,7 +87,11 @@ fn compress_options(a: &Args) -> Result<CompressOptions> {
         calibration: a.calibration.clone(),
         calibrator: a.calibrator.parse()?,
         block_size: a.block_size,
-        int4_method: a.int4_method.parse()?,
+        int4_method: match (&a.int4_method, &a.calibration) {
+            (Some(m), _) => m.parse()?,
+            (None, Some(_)) => Int4Method::Gptq,
+            (None, None) => Int4Method::Rtn,
+        },
         int4_zero_points: a.int4_zero_points,
         accuracy_budget: a.accuracy_budget,
         smoothing: a.smoothing.parse()?,

@@ -52,6 +52,9 @@ pub enum Int4Method {
     Rtn,
     /// Activation-aware: scale salient input channels (from calibration) before rounding.
     Awq,
+    /// GPTQ: round one input row at a time, pushing the error onto the rows not yet rounded
+    /// (needs calibration; embedding tables are rounded to nearest).
+    Gptq,
 }
 
 /// `--prune`
@@ -177,7 +180,8 @@ impl std::str::FromStr for Int4Method {
         Ok(match s {
             "rtn" => Int4Method::Rtn,
             "awq" => Int4Method::Awq,
-            _ => return Err(Error::Input(format!("unknown --int4-method '{s}' (rtn, awq)"))),
+            "gptq" => Int4Method::Gptq,
+            _ => return Err(Error::Input(format!("unknown --int4-method '{s}' (rtn, awq, gptq)"))),
         })
     }
 }
@@ -213,8 +217,9 @@ pub fn passes(opts: &CompressOptions) -> Result<Vec<Box<dyn Pass>>> {
     if opts.quantize == Some(Quantize::Int8) && opts.calibration.is_none() {
         return Err(Error::Input("--quantize int8 needs --calibration DIR (or use int8-dynamic)".into()));
     }
-    if opts.int4_method == Int4Method::Awq && opts.quantize == Some(Quantize::Int4) && opts.calibration.is_none() {
-        return Err(Error::Input("--int4-method awq needs --calibration DIR".into()));
+    if matches!(opts.int4_method, Int4Method::Awq | Int4Method::Gptq) && opts.quantize == Some(Quantize::Int4) && opts.calibration.is_none() {
+        let name = if opts.int4_method == Int4Method::Awq { "awq" } else { "gptq" };
+        return Err(Error::Input(format!("--int4-method {name} needs --calibration DIR")));
     }
     if opts.accuracy_budget.is_some() && opts.calibration.is_none() {
         return Err(Error::Input("--accuracy-budget needs --calibration DIR to measure errors on".into()));

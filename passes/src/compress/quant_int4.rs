@@ -12,17 +12,21 @@
 //! minimises the group's output error on calibration rows once the weights diag(s)·W are rounded.
 //! The scaled weights replace W and the activation is divided by s, folded into the producing
 //! LayerNormalization when the group is its only reader, else by an inserted Mul (exact in float).
-//! `--accuracy-budget` keeps the most sensitive layers in float (see `budget`).
+//! `gptq` rounds each MatMul weight with GPTQ (`gptq.rs`) against its input's second moments on
+//! the calibration data; tables are rounded to nearest (a Gather has no product to compensate
+//! within). `--accuracy-budget` keeps the most sensitive layers in float (see `budget`).
 
 use std::collections::HashMap;
 
 use kiln_backends::cpu::gemm::{self, BRef, Epilogue, MatRef};
-use kiln_backends::cpu::kernels::int4::{dequantize_matmul, quantize_matmul, quantize_table, Int4Format};
+use kiln_backends::cpu::kernels::int4::{dequantize_matmul, quantize_matmul, quantize_table, Int4Format, Int4Weight};
+use rayon::prelude::*;
 use kiln_compiler::ir::{AttrValue, Attribute, Graph, Model, Node, ValueId};
 use kiln_compiler::pass::Pass;
 use kiln_runtime::{DType, Error, Result, Tensor};
 
 use super::budget::{self, LayerId};
+use super::gptq::{self, Hessian};
 use super::calibrate::{load_samples, observe, Samples};
 use super::{CompressOptions, Int4Method};
 
@@ -31,6 +35,8 @@ use super::{CompressOptions, Int4Method};
 const MIN_ELEMENTS: usize = 4096;
 /// Calibration rows per activation kept for the AWQ error search.
 const AWQ_ROWS: usize = 256;
+/// Calibration rows per sample and layer for GPTQ's input statistics.
+const GPTQ_ROWS: usize = 1024;
 /// Steps of the alpha grid over [0, 1].
 const AWQ_GRID: usize = 20;
 /// Embedding tables use blocks of at most this many: a table row feeds the model directly
@@ -61,7 +67,7 @@ impl Pass for QuantizeInt4 {
         let fmt = self.format();
         let mut notes = Vec::new();
         let samples = match &self.opts.calibration {
-            Some(dir) if self.opts.int4_method == Int4Method::Awq || self.opts.accuracy_budget.is_some() => {
+            Some(dir) if self.opts.int4_method != Int4Method::Rtn || self.opts.accuracy_budget.is_some() => {
                 Some(load_samples(dir, model)?)
             }
             _ => None,
@@ -70,10 +76,19 @@ impl Pass for QuantizeInt4 {
             let s = samples.as_ref().ok_or_else(|| Error::Input("--int4-method awq needs --calibration DIR".into()))?;
             notes.extend(awq(model, s, &fmt)?);
         }
+        let gptq = if self.opts.int4_method == Int4Method::Gptq {
+            let s = samples.as_ref().ok_or_else(|| Error::Input("--int4-method gptq needs --calibration DIR".into()))?;
+            gptq_weights(model, s, &fmt)?
+        } else {
+            HashMap::new()
+        };
+        if self.opts.int4_method == Int4Method::Gptq {
+            notes.push(format!("GPTQ rounding: {} MatMul-like layers (tables rounded to nearest)", gptq.len()));
+        }
         let layers: Vec<LayerId> = candidates(&model.graph).iter().map(|c| c.layer).collect();
         let keep_float = match (self.opts.accuracy_budget, &samples) {
             (Some(b), Some(s)) => {
-                let q = |m: &mut Model, l: &[LayerId]| quantize_layers(m, l, &fmt).map(|_| ());
+                let q = |m: &mut Model, l: &[LayerId]| quantize_layers(m, l, &fmt, &gptq).map(|_| ());
                 let sel = budget::select(model, s, &layers, &q, b)?;
                 notes.extend(budget::table(&sel));
                 sel.kept_float
@@ -81,10 +96,14 @@ impl Pass for QuantizeInt4 {
             _ => Vec::new(),
         };
         let chosen: Vec<LayerId> = layers.into_iter().filter(|l| !keep_float.contains(l)).collect();
-        let st = quantize_layers(model, &chosen, &fmt)?;
+        let st = quantize_layers(model, &chosen, &fmt, &gptq)?;
         notes.push(format!(
             "int4 ({}, block {}, {} scales{}): {} MatMul-like and {} Gather layers, weights {:.2} MB -> {:.2} MB (saved {:.2} MB)",
-            if self.opts.int4_method == Int4Method::Awq { "awq" } else { "rtn" },
+            match self.opts.int4_method {
+                Int4Method::Rtn => "rtn",
+                Int4Method::Awq => "awq",
+                Int4Method::Gptq => "gptq",
+            },
             fmt.block,
             if fmt.f16_scales { "f16" } else { "f32" },
             if fmt.zero_points { ", zero points" } else { "" },
@@ -223,8 +242,52 @@ fn int_attr(name: &str, v: usize) -> Attribute {
     Attribute { name: name.into(), value: AttrValue::Int(v as i64) }
 }
 
-/// Quantize the candidates of `model` whose layer is in `layers`.
-fn quantize_layers(model: &mut Model, layers: &[LayerId], fmt: &Int4Format) -> Result<Stats> {
+/// GPTQ-rounded weights of every MatMul-like candidate (computed once, layers in parallel: the
+/// accuracy budget rewrites layers many times).
+fn gptq_weights(model: &Model, s: &Samples, fmt: &Int4Format) -> Result<HashMap<LayerId, Int4Weight>> {
+    let cands = candidates(&model.graph);
+    let mut hess: HashMap<LayerId, Hessian> = HashMap::new();
+    let mut watch: Vec<ValueId> = cands
+        .iter()
+        .filter_map(|c| match &c.kind {
+            Kind::MatMul { a, k, .. } if *k <= gptq::MAX_K => Some(*a),
+            _ => None,
+        })
+        .collect();
+    watch.sort_unstable();
+    watch.dedup();
+    let mut failed = None;
+    observe(model, s, &watch, &mut |_, v, t| {
+        let Ok(x) = t.view::<f32>() else { return };
+        for c in &cands {
+            if let Kind::MatMul { a, k, .. } = &c.kind {
+                if *a == v && t.shape().last() == Some(k) {
+                    let rows = gptq::sample_rows(x, *k, GPTQ_ROWS);
+                    if let Err(e) = hess.entry(c.layer).or_insert_with(|| Hessian::new(*k)).add_rows(&rows) {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    cands
+        .par_iter()
+        .filter_map(|c| match &c.kind {
+            Kind::MatMul { w, k, n, .. } => {
+                let h = hess.get(&c.layer)?;
+                Some(gptq::quantize_int4(w, *k, *n, h, fmt)?.map(|q| (c.layer, q)))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Quantize the candidates of `model` whose layer is in `layers` (MatMul weights from `gptq`
+/// where it has them).
+fn quantize_layers(model: &mut Model, layers: &[LayerId], fmt: &Int4Format, gptq: &HashMap<LayerId, Int4Weight>) -> Result<Stats> {
     let mut st = Stats::default();
     let g = &mut model.graph;
     for c in candidates(g).into_iter().filter(|c| layers.contains(&c.layer)) {
@@ -232,7 +295,10 @@ fn quantize_layers(model: &mut Model, layers: &[LayerId], fmt: &Int4Format) -> R
         let base = if base.is_empty() { g.values[c.layer].name.clone() } else { base };
         let (inputs, op, attrs) = match c.kind {
             Kind::MatMul { a, w, k, n, bias, act } => {
-                let q = quantize_matmul(&w, k, n, fmt)?;
+                let q = match gptq.get(&c.layer) {
+                    Some(q) => q.clone(),
+                    None => quantize_matmul(&w, k, n, fmt)?,
+                };
                 st.matmuls += 1;
                 st.bytes_before += w.len() * 4;
                 st.bytes_after += q.bytes();

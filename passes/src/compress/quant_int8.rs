@@ -91,14 +91,7 @@ impl Plan {
         let xv = x.view::<f32>().ok()?;
         let shape = x.shape();
         match self.patch {
-            None => {
-                let m = xv.len() / self.k.max(1);
-                if shape.last() != Some(&self.k) || m == 0 {
-                    return None;
-                }
-                let step = m.div_ceil(max);
-                Some((0..m).step_by(step).flat_map(|r| xv[r * self.k..(r + 1) * self.k].iter().copied()).collect())
-            }
+            None => (shape.last() == Some(&self.k)).then(|| gptq::sample_rows(xv, self.k, max)),
             Some(p) => {
                 let [n, c, h, w] = <[usize; 4]>::try_from(shape).ok()?;
                 if c != self.channels {

@@ -71,7 +71,7 @@ impl Int4Weight {
 }
 
 /// One block's scale (as stored, already rounded to the storage precision), zero point and codes.
-fn quantize_block(vals: &[f32], f: &Int4Format, codes: &mut [u8]) -> Result<(f32, u8)> {
+pub fn quantize_block(vals: &[f32], f: &Int4Format, codes: &mut [u8]) -> Result<(f32, u8)> {
     let stored = |s: f32| -> Result<f32> {
         if !s.is_finite() {
             return Err(Error::Other(format!("int4: non-finite weights or scale {s}")));
@@ -127,8 +127,9 @@ fn quantize_block(vals: &[f32], f: &Int4Format, codes: &mut [u8]) -> Result<(f32
 const CLIP_STEPS: usize = 20;
 const CLIP_STEP: f32 = 0.02;
 
+/// The 4-bit code of `v` for 1/scale `inv` and zero point `z`.
 #[inline]
-fn code(v: f32, inv: f32, z: u8) -> u8 {
+pub fn code(v: f32, inv: f32, z: u8) -> u8 {
     ((v * inv).round() + z as f32).clamp(0.0, 15.0) as u8
 }
 
@@ -164,27 +165,49 @@ pub fn quantize_matmul(w: &[f32], k: usize, n: usize, f: &Int4Format) -> Result<
     if w.len() != k * n {
         return Err(Error::Shape(format!("int4: weight of {} values for [{k}, {n}]", w.len())));
     }
-    let panels = n.div_ceil(PANEL);
     let blocks = k.div_ceil(f.block);
-    let mut data = vec![0u8; panels * k * PANEL_BYTES];
-    let mut scales = vec![0f32; panels * blocks * PANEL];
-    let mut zps = vec![0u8; panels * blocks * PANEL_BYTES];
+    let mut codes = vec![0u8; k * n];
+    let mut params = vec![(0f32, 0u8); blocks * n];
     let mut vals = vec![0f32; f.block];
-    let mut codes = vec![0u8; f.block];
+    let mut bc = vec![0u8; f.block];
     for j in 0..n {
-        let (p, c) = (j / PANEL, j % PANEL);
         for b in 0..blocks {
             let (k0, k1) = (b * f.block, ((b + 1) * f.block).min(k));
             let len = k1 - k0;
             for (i, v) in vals[..len].iter_mut().enumerate() {
                 *v = w[(k0 + i) * n + j];
             }
-            let (s, z) = quantize_block(&vals[..len], f, &mut codes[..len])?;
+            params[b * n + j] = quantize_block(&vals[..len], f, &mut bc[..len])?;
+            for (i, &q) in bc[..len].iter().enumerate() {
+                codes[(k0 + i) * n + j] = q;
+            }
+        }
+    }
+    pack_matmul(&codes, &params, k, n, f)
+}
+
+/// Pack row-major `[k, n]` codes and per-block (scale, zero point) pairs (`params[b·n + j]` for
+/// block b of column j, scales already at storage precision) into the panel layout. Rounding
+/// schemes other than `quantize_matmul`'s (GPTQ) choose the codes and pack them here.
+pub fn pack_matmul(codes: &[u8], params: &[(f32, u8)], k: usize, n: usize, f: &Int4Format) -> Result<Int4Weight> {
+    check_format(f)?;
+    let blocks = k.div_ceil(f.block);
+    if codes.len() != k * n || params.len() != blocks * n {
+        return Err(Error::Shape(format!("int4: {} codes and {} block parameters for [{k}, {n}]", codes.len(), params.len())));
+    }
+    let panels = n.div_ceil(PANEL);
+    let mut data = vec![0u8; panels * k * PANEL_BYTES];
+    let mut scales = vec![0f32; panels * blocks * PANEL];
+    let mut zps = vec![0u8; panels * blocks * PANEL_BYTES];
+    for j in 0..n {
+        let (p, c) = (j / PANEL, j % PANEL);
+        for b in 0..blocks {
+            let (s, z) = params[b * n + j];
             scales[(p * blocks + b) * PANEL + c] = s;
             set_nibble(&mut zps[(p * blocks + b) * PANEL_BYTES..], c, z);
-            for (i, &q) in codes[..len].iter().enumerate() {
-                set_nibble(&mut data[(p * k + k0 + i) * PANEL_BYTES..], c, q);
-            }
+        }
+        for r in 0..k {
+            set_nibble(&mut data[(p * k + r) * PANEL_BYTES..], c, codes[r * n + j]);
         }
     }
     Ok(Int4Weight {
