@@ -2,6 +2,13 @@
 //! fails at load, naming the op and node), and every value is dropped right after its last reader
 //! so intermediate memory stays at the live set.
 //!
+//! Steps that only compute on shapes are memoised per session: Shape and Size, and then any pure
+//! step reading nothing but their results and constants (the Gather / Unsqueeze / Concat chains
+//! that turn a sequence length into Reshape targets). When such a step's inputs equal those of
+//! the previous run (each at most `MEMO_MAX_BYTES`), its previous outputs are reused instead of
+//! dispatching the kernel. A model with dynamic shapes (MiniLM: ~100 such steps per run) pays
+//! the comparisons, not the kernels, while its input shapes stay the same.
+//!
 //! Kernels with an owned-input form (elementwise, Softmax, LayerNormalization) receive their
 //! inputs by value: an input whose last reader is the step (read once by it, not a program
 //! output) is moved out of the frame instead of cloned, so if no one else holds its buffer the
@@ -30,6 +37,118 @@ pub struct Prepared {
     take: Vec<Vec<bool>>,
     /// Per value: made by a step, so counted in `Stats::live_bytes` (inputs and constants are not).
     counted: Vec<bool>,
+    /// Per step: how it is memoised (top-level programs only).
+    memo_kind: Vec<Option<MemoKind>>,
+    /// Per value: a constant (same every run, never compared).
+    konst: Vec<bool>,
+}
+
+/// How a step's previous result is recognised as still valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MemoKind {
+    /// Shape / Size: the input's shape (and dtype) alone.
+    ShapeOf,
+    /// A pure step on shape-derived values and constants: its non-constant inputs' bytes.
+    Values,
+}
+
+/// Inputs of one memoised step as last seen (one entry per step input).
+enum KeyPart {
+    Absent,
+    Const,
+    Shape(kiln_runtime::DType, Vec<usize>),
+    Data(kiln_runtime::DType, Vec<usize>, Vec<u8>),
+}
+
+/// Largest input a `Values` step is memoised for (shape-derived values are a few integers).
+const MEMO_MAX_BYTES: usize = 1024;
+
+/// Per-session memo of shape steps (see the module docs): per step, the inputs last seen and the
+/// outputs they gave.
+#[derive(Default)]
+pub struct Memo {
+    entries: Vec<Option<(Vec<KeyPart>, Vec<Value>)>>,
+}
+
+/// Ops whose result is not a function of their inputs alone.
+fn impure(op: &str) -> bool {
+    matches!(op, "RandomNormal" | "RandomNormalLike" | "RandomUniform" | "RandomUniformLike" | "Multinomial" | "Bernoulli")
+}
+
+impl Prepared {
+    /// Which steps are memoised: see the module docs.
+    fn memo_kinds(prog: &Program, kernels: &[Kernel], konst: &[bool]) -> Vec<Option<MemoKind>> {
+        // Values that depend on the inputs' shapes alone (never on their data): memoising steps
+        // on them can only help when shapes repeat, never because a benchmark repeats its data.
+        let mut shape_derived = konst.to_vec();
+        let mut kinds = Vec::with_capacity(prog.steps.len());
+        for (s, k) in prog.steps.iter().zip(kernels) {
+            let onnx = s.domain.is_empty() || s.domain == "ai.onnx";
+            let has_sub = s.attrs.iter().any(|a| a.g.is_some() || !a.graphs.is_empty());
+            let kind = if onnx && matches!(s.op.as_str(), "Shape" | "Size") && s.inputs.len() == 1 && s.inputs[0] >= 0 {
+                Some(MemoKind::ShapeOf)
+            } else if matches!(k, Kernel::Tensor(_))
+                && !has_sub
+                && !impure(&s.op)
+                && s.inputs.iter().any(|&v| v >= 0 && !konst[v as usize])
+                && s.inputs.iter().all(|&v| v < 0 || shape_derived[v as usize])
+            {
+                Some(MemoKind::Values)
+            } else {
+                None
+            };
+            if kind.is_some() {
+                for &o in s.outputs.iter().filter(|&&o| o >= 0) {
+                    shape_derived[o as usize] = true;
+                }
+            }
+            kinds.push(kind);
+        }
+        kinds
+    }
+
+    /// The previous outputs of memoised step `i` if its inputs are unchanged.
+    fn memo_hit(&self, memo: &Memo, i: usize, step: &Step, frame: &[Option<Value>]) -> Option<Vec<Value>> {
+        let (key, outs) = memo.entries.get(i)?.as_ref()?;
+        for (&v, part) in step.inputs.iter().zip(key) {
+            let t = usize::try_from(v).ok().and_then(|v| frame[v].as_ref());
+            let same = match (part, t) {
+                (KeyPart::Absent, None) => true,
+                (KeyPart::Const, Some(_)) => true,
+                (KeyPart::Shape(d, sh), Some(Value::Tensor(t))) => t.dtype() == *d && t.shape() == &sh[..],
+                (KeyPart::Data(d, sh, b), Some(Value::Tensor(t))) => {
+                    t.dtype() == *d && t.shape() == &sh[..] && t.bytes() == &b[..]
+                }
+                _ => false,
+            };
+            if !same {
+                return None;
+            }
+        }
+        (key.len() == step.inputs.len()).then(|| outs.clone())
+    }
+
+    /// The key of step `i`'s current inputs, or None when they are too big to be worth it.
+    fn memo_key(&self, kind: MemoKind, step: &Step, frame: &[Option<Value>]) -> Option<Vec<KeyPart>> {
+        step.inputs
+            .iter()
+            .map(|&v| {
+                if v < 0 {
+                    return Some(KeyPart::Absent);
+                }
+                if self.konst[v as usize] {
+                    return Some(KeyPart::Const);
+                }
+                match frame[v as usize].as_ref()? {
+                    Value::Tensor(t) if kind == MemoKind::ShapeOf => Some(KeyPart::Shape(t.dtype(), t.shape().to_vec())),
+                    Value::Tensor(t) if t.bytes().len() <= MEMO_MAX_BYTES => {
+                        Some(KeyPart::Data(t.dtype(), t.shape().to_vec(), t.bytes().to_vec()))
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
+    }
 }
 
 #[derive(Default)]
@@ -39,6 +158,8 @@ pub struct Stats {
     /// When set, (calls, nanoseconds) per op type; steps inside subgraphs count on their own and
     /// in their control-flow op.
     pub profile: Option<std::collections::HashMap<String, (u64, u64)>>,
+    /// The session's memo of shape steps, used by the top-level program (`outer` empty).
+    pub memo: Option<Memo>,
 }
 
 fn profile_shapes() -> bool {
@@ -117,7 +238,12 @@ impl Prepared {
         for &o in prog.steps.iter().flat_map(|s| &s.outputs).filter(|&&o| o >= 0) {
             counted[o as usize] = true;
         }
-        Ok(Prepared { prog: prog.clone(), consts, kernels, free_after, subs, owned, take, counted })
+        let mut konst = vec![false; n];
+        for (id, _) in &consts {
+            konst[*id] = true;
+        }
+        let memo_kind = Self::memo_kinds(prog, &kernels, &konst);
+        Ok(Prepared { prog: prog.clone(), consts, kernels, free_after, subs, owned, take, counted, memo_kind, konst })
     }
 
     /// Run with `inputs` in program order; `outer` is the enclosing frame for captures.
@@ -154,6 +280,10 @@ impl Prepared {
         }
         let base_live = stats.live_bytes;
         let mut taken = Vec::new();
+        let mut memo = if outer.is_empty() { stats.memo.take() } else { None };
+        if let Some(m) = memo.as_mut() {
+            m.entries.resize_with(p.steps.len(), || None);
+        }
         for (i, step) in p.steps.iter().enumerate() {
             taken.clear();
             // KILN_PROFILE=shapes splits the profile by input shapes (which layer is slow).
@@ -169,9 +299,23 @@ impl Prepared {
                 dims.join(" ")
             });
             let t0 = stats.profile.is_some().then(std::time::Instant::now);
-            let outs = self
-                .run_step(i, step, artifact, &mut frame, stats, &mut taken)
-                .map_err(|e| e.at_node(&step.op, &step.name))?;
+            let memo_step = self.memo_kind[i].zip(memo.as_mut());
+            let outs = match memo_step {
+                Some((kind, m)) => match self.memo_hit(m, i, step, &frame) {
+                    Some(outs) => outs,
+                    None => {
+                        let key = self.memo_key(kind, step, &frame);
+                        let outs = self
+                            .run_step(i, step, artifact, &mut frame, stats, &mut taken)
+                            .map_err(|e| e.at_node(&step.op, &step.name))?;
+                        m.entries[i] = key.map(|k| (k, outs.clone()));
+                        outs
+                    }
+                },
+                None => self
+                    .run_step(i, step, artifact, &mut frame, stats, &mut taken)
+                    .map_err(|e| e.at_node(&step.op, &step.name))?,
+            };
             if let (Some(t0), Some(prof)) = (t0, stats.profile.as_mut()) {
                 let mut key = if step.domain.is_empty() { step.op.clone() } else { format!("{}.{}", step.domain, step.op) };
                 if let Some(sh) = &shapes {
@@ -220,6 +364,9 @@ impl Prepared {
             out.push(v);
         }
         stats.live_bytes = base_live;
+        if memo.is_some() {
+            stats.memo = memo;
+        }
         Ok(out)
     }
 
@@ -405,5 +552,29 @@ mod tests {
         // (a new intermediate, no new memory, counted); a dies; c; b dies; d (c is an output, so
         // not reused); e written over d. Never more than two at once.
         assert_eq!(stats.peak_bytes, 32);
+    }
+
+    /// Shape steps are memoised per session and recomputed when the input shape changes.
+    #[test]
+    fn shape_steps_follow_the_input_shape_across_runs() {
+        // x(0) | s = Shape(x) | d = Add(s, s) | y = Relu(x): d is shape-derived, y is data.
+        let prog = Program {
+            values: (0..4).map(|i| ValueInfo { name: format!("v{i}"), ..Default::default() }).collect(),
+            inputs: vec![0],
+            outputs: vec![2, 3],
+            steps: vec![step("Shape", &[0], 1), step("Add", &[1, 1], 2), step("Relu", &[0], 3)],
+            ..Default::default()
+        };
+        let p = Prepared::new(&prog, None).unwrap();
+        assert_eq!(p.memo_kind, vec![Some(MemoKind::ShapeOf), Some(MemoKind::Values), None]);
+        let mut stats = Stats { memo: Some(Memo::default()), ..Default::default() };
+        for (shape, want) in [(vec![2usize, 3], vec![4i64, 6]), (vec![2, 3], vec![4, 6]), (vec![5], vec![10]), (vec![2, 3], vec![4, 6])] {
+            let n: usize = shape.iter().product();
+            let x = Tensor::from_vec(&shape, vec![-1.0f32; n]).unwrap();
+            let out = p.run(None, vec![Value::Tensor(x)], &[], &mut stats).unwrap();
+            assert_eq!(out[0].tensor().unwrap().view::<i64>().unwrap(), &want[..]);
+            assert_eq!(out[1].tensor().unwrap().shape(), &shape[..]);
+            assert!(stats.memo.as_ref().is_some_and(|m| m.entries[1].is_some()), "the memo stays with the session");
+        }
     }
 }

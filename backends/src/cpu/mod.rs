@@ -84,6 +84,7 @@ struct CpuState {
     runs: u64,
     peak_bytes: usize,
     profile: Option<std::collections::HashMap<String, (u64, u64)>>,
+    memo: interp::Memo,
 }
 
 impl Executable for CpuExecutable {
@@ -93,7 +94,8 @@ impl Executable for CpuExecutable {
 
     fn run(&self, state: &mut SessionState, inputs: Vec<Value>) -> Result<Vec<Value>> {
         let state = state.downcast_mut::<CpuState>().expect("state made by this executable");
-        let mut stats = interp::Stats { profile: state.profile.take(), ..Default::default() };
+        let memo = std::mem::take(&mut state.memo);
+        let mut stats = interp::Stats { profile: state.profile.take(), memo: Some(memo), ..Default::default() };
         let run = || self.program.run(Some(&self.artifact), inputs, &[], &mut stats);
         // A pool pays a hand-off per run and per parallel loop; for small models (Silero VAD:
         // 70 µs) one thread is faster. Each session times both ways and runs the faster one: the
@@ -125,6 +127,8 @@ impl Executable for CpuExecutable {
         };
         state.profile = stats.profile;
         state.peak_bytes = stats.peak_bytes;
+        // A failed run leaves the memo out (a fresh one is rebuilt on the next run).
+        state.memo = stats.memo.unwrap_or_default();
         out
     }
 
