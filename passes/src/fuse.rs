@@ -1,8 +1,8 @@
 //! Fusion passes, each a small named unit over `pattern`'s declarative matcher:
 //!
 //! - `identity`: Identity and inference-mode Dropout disappear (their readers read the input).
-//! - `conv-bn`: Conv followed by BatchNormalization (constant statistics) becomes one Conv with
-//!   rescaled weights and bias.
+//! - `conv-bn`: Conv or ConvTranspose followed by BatchNormalization (constant statistics)
+//!   becomes one node of the same op with rescaled weights and bias.
 //! - `gelu`, `layernorm`, `hardswish`, `softmax`: decomposed forms exporters emit are recognised
 //!   and replaced by the standard ONNX op (Gelu-20, LayerNormalization-17, HardSwish-14,
 //!   Softmax-13), which run as one kernel.
@@ -16,7 +16,8 @@
 //! - `layout`: Transpose∘Transpose, Reshape∘Reshape, Squeeze/Unsqueeze pairs and no-op Reshapes
 //!   collapse; a Transpose that only moves size-1 axes becomes a Reshape.
 //! - `rmsnorm`: x / √(mean(x²) + eps) · g becomes RMSNormalization-23.
-//! - `conv-affine`: a per-channel constant Mul or Add after a Conv folds into its weights / bias.
+//! - `conv-affine`: a per-channel constant Mul or Add after a Conv or ConvTranspose folds into its
+//!   weights / bias (and a BatchNormalization that then follows the conv directly, as `conv-bn`).
 //!
 //! Every pass leaves the graph computing the same outputs (within float tolerance); the node
 //! suite and the real-model goldens run with all of them on.
@@ -118,8 +119,8 @@ impl Pass for EliminateIdentity {
 
 pub struct FoldConvBatchNorm;
 
-fn conv_bn_pat() -> Pat {
-    op("BatchNormalization", vec![op("Conv", vec![sym("x"), konst("w")]).named("conv"), konst("scale"), konst("bias"), konst("mean"), konst("var")])
+fn conv_bn_pat(conv_op: &'static str) -> Pat {
+    op("BatchNormalization", vec![op(conv_op, vec![sym("x"), konst("w")]).named("conv"), konst("scale"), konst("bias"), konst("mean"), konst("var")])
         .named("bn")
 }
 
@@ -128,47 +129,68 @@ fn f32s(g: &Graph, v: ValueId) -> Option<Vec<f32>> {
     (t.dtype() == DType::F32).then(|| t.clone().aligned().view::<f32>().ok().map(|s| s.to_vec())).flatten()
 }
 
+/// Output channels of a Conv (W [M, C/g, ...]) or ConvTranspose (W [C, M/g, ...]) weight of
+/// shape `wshape` in `group` groups, and the output channel of each run of `per` consecutive
+/// weights (one kernel window). None if the shape does not fit.
+fn out_channels(wshape: &[usize], transposed: bool, group: usize) -> Option<(usize, usize, Vec<usize>)> {
+    let per = wshape.get(2..)?.iter().product::<usize>();
+    let (a, b) = (*wshape.first()?, *wshape.get(1)?);
+    if transposed {
+        if group == 0 || a % group != 0 {
+            return None;
+        }
+        let cg = a / group;
+        // Window (ci, j) writes output channel (ci / cg)·b + j.
+        Some((b * group, per, (0..a * b).map(|e| (e / b / cg) * b + e % b).collect()))
+    } else {
+        Some((a, per, (0..a * b).map(|e| e / b).collect()))
+    }
+}
+
 impl Pass for FoldConvBatchNorm {
     fn name(&self) -> &'static str {
         "conv-bn"
     }
 
     fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
-        let count = rewrite_all(&mut model.graph, &conv_bn_pat(), |mx, m, consts| {
-            let g = mx.g;
-            let conv = &g.nodes[m.node("conv")];
-            let bn = &g.nodes[m.node("bn")];
-            // Training-mode outputs (running mean/var) must be unused; Conv has at most a bias.
-            if bn.outputs.iter().skip(1).flatten().next().is_some() || conv.inputs.len() > 3 {
-                return None;
-            }
-            let w = f32s(g, m.value("w"))?;
-            let (s, b, mu, var) =
-                (f32s(g, m.value("scale"))?, f32s(g, m.value("bias"))?, f32s(g, m.value("mean"))?, f32s(g, m.value("var"))?);
-            let wshape = g.konst(m.value("w"))?.shape().to_vec();
-            let mch = *wshape.first()?;
-            if mch == 0 || [s.len(), b.len(), mu.len(), var.len()].iter().any(|&l| l != mch) {
-                return None;
-            }
-            let conv_bias = match conv.input(2) {
-                Some(cb) => f32s(g, cb).filter(|v| v.len() == mch)?,
-                None => vec![0.0; mch],
-            };
-            let eps = bn.attr_float("epsilon").unwrap_or(1e-5);
-            let per = w.len() / mch;
-            let mut w2 = w;
-            let mut b2 = vec![0.0f32; mch];
-            for c in 0..mch {
-                let k = s[c] / (var[c] + eps).sqrt();
-                w2[c * per..(c + 1) * per].iter_mut().for_each(|x| *x *= k);
-                b2[c] = (conv_bias[c] - mu[c]) * k + b[c];
-            }
-            let wv = consts.add(format!("{}.w_bn", conv.name), Tensor::from_vec(&wshape, w2).ok()?);
-            let bv = consts.add(format!("{}.b_bn", conv.name), Tensor::from_vec(&[mch], b2).ok()?);
-            let mut n = replacing(mx, m, "Conv", "", conv.opset, vec![Some(m.value("x")), Some(wv), Some(bv)], conv.attrs.clone());
-            n.name = conv.name.clone();
-            Some(n)
-        });
+        let mut count = 0;
+        for conv_op in ["Conv", "ConvTranspose"] {
+            let transposed = conv_op == "ConvTranspose";
+            count += rewrite_all(&mut model.graph, &conv_bn_pat(conv_op), |mx, m, consts| {
+                let g = mx.g;
+                let conv = &g.nodes[m.node("conv")];
+                let bn = &g.nodes[m.node("bn")];
+                // Training-mode outputs (running mean/var) must be unused; the conv has at most a bias.
+                if bn.outputs.iter().skip(1).flatten().next().is_some() || conv.inputs.len() > 3 {
+                    return None;
+                }
+                let w = f32s(g, m.value("w"))?;
+                let (s, b, mu, var) =
+                    (f32s(g, m.value("scale"))?, f32s(g, m.value("bias"))?, f32s(g, m.value("mean"))?, f32s(g, m.value("var"))?);
+                let wshape = g.konst(m.value("w"))?.shape().to_vec();
+                let group = conv.attr_int("group").unwrap_or(1).max(1) as usize;
+                let (mch, per, chan) = out_channels(&wshape, transposed, group)?;
+                if mch == 0 || [s.len(), b.len(), mu.len(), var.len()].iter().any(|&l| l != mch) {
+                    return None;
+                }
+                let conv_bias = match conv.input(2) {
+                    Some(cb) => f32s(g, cb).filter(|v| v.len() == mch)?,
+                    None => vec![0.0; mch],
+                };
+                let eps = bn.attr_float("epsilon").unwrap_or(1e-5);
+                let k: Vec<f32> = (0..mch).map(|c| s[c] / (var[c] + eps).sqrt()).collect();
+                let mut w2 = w;
+                for (window, &c) in w2.chunks_mut(per).zip(&chan) {
+                    window.iter_mut().for_each(|x| *x *= k[c]);
+                }
+                let b2: Vec<f32> = (0..mch).map(|c| (conv_bias[c] - mu[c]) * k[c] + b[c]).collect();
+                let wv = consts.add(format!("{}.w_bn", conv.name), Tensor::from_vec(&wshape, w2).ok()?);
+                let bv = consts.add(format!("{}.b_bn", conv.name), Tensor::from_vec(&[mch], b2).ok()?);
+                let mut n = replacing(mx, m, conv_op, "", conv.opset, vec![Some(m.value("x")), Some(wv), Some(bv)], conv.attrs.clone());
+                n.name = conv.name.clone();
+                Some(n)
+            });
+        }
         Ok((count, vec![]))
     }
 }
@@ -820,9 +842,9 @@ impl Pass for FuseRmsNorm {
 
 pub struct FoldConvAffine;
 
-fn conv_affine_pats() -> [Pat; 2] {
-    let conv = || op("Conv", vec![sym("x"), konst("w")]).named("conv");
-    [conv() * konst("k"), conv() + konst("k")]
+fn conv_affine_pats() -> [Pat; 4] {
+    let conv = |o: &'static str| op(o, vec![sym("x"), konst("w")]).named("conv");
+    [conv("Conv") * konst("k"), conv("Conv") + konst("k"), conv("ConvTranspose") * konst("k"), conv("ConvTranspose") + konst("k")]
 }
 
 /// The per-output-channel values of a constant applied to a Conv output of rank `r` with `m`
@@ -848,38 +870,43 @@ impl Pass for FoldConvAffine {
 
     fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
         let mut count = 0;
-        // Two rounds: Conv·s + c and (Conv + c)·s both fold completely.
-        for p in conv_affine_pats().iter().chain(conv_affine_pats().iter()) {
-            count += rewrite_all(&mut model.graph, p, |mx, m, consts| {
-                let g = mx.g;
-                let conv = &g.nodes[m.node("conv")];
-                let wt = g.konst(m.value("w"))?;
-                let root = &g.nodes[m.matched[0]];
-                let (r, mch) = (wt.rank(), *wt.shape().first()?);
-                if conv.inputs.len() > 3 || wt.dtype() != DType::F32 || r < 3 || mch == 0 {
-                    return None;
-                }
-                let k = per_channel(g.konst(m.value("k"))?, r, mch)?;
-                let mut w = wt.clone().aligned().view::<f32>().ok()?.to_vec();
-                let mut b = match conv.input(2) {
-                    Some(cb) => f32s(g, cb).filter(|v| v.len() == mch)?,
-                    None => vec![0.0; mch],
-                };
-                if root.op == "Mul" {
-                    let per = w.len() / mch;
-                    for c in 0..mch {
-                        w[c * per..(c + 1) * per].iter_mut().for_each(|x| *x *= k[c]);
-                        b[c] *= k[c];
+        // Two rounds: Conv·s + c and (Conv + c)·s both fold completely. A BatchNormalization
+        // that a folded Add had kept from its conv (ConvTranspose, Add(bias), BatchNormalization
+        // as PaddleOCR exports it) folds after each round.
+        for _ in 0..2 {
+            for p in conv_affine_pats().iter() {
+                count += rewrite_all(&mut model.graph, p, |mx, m, consts| {
+                    let g = mx.g;
+                    let conv = &g.nodes[m.node("conv")];
+                    let wt = g.konst(m.value("w"))?;
+                    let root = &g.nodes[m.matched[0]];
+                    let group = conv.attr_int("group").unwrap_or(1).max(1) as usize;
+                    let (mch, per, chan) = out_channels(wt.shape(), conv.op == "ConvTranspose", group)?;
+                    if conv.inputs.len() > 3 || wt.dtype() != DType::F32 || wt.rank() < 3 || mch == 0 {
+                        return None;
                     }
-                } else {
-                    b.iter_mut().zip(&k).for_each(|(b, k)| *b += k);
-                }
-                let wv = consts.add(format!("{}.w_{}", conv.name, root.op.to_lowercase()), Tensor::from_vec(wt.shape(), w).ok()?);
-                let bv = consts.add(format!("{}.b_{}", conv.name, root.op.to_lowercase()), Tensor::from_vec(&[mch], b).ok()?);
-                let mut n = replacing(mx, m, "Conv", "", conv.opset, vec![Some(m.value("x")), Some(wv), Some(bv)], conv.attrs.clone());
-                n.name = conv.name.clone();
-                Some(n)
-            });
+                    let k = per_channel(g.konst(m.value("k"))?, wt.rank(), mch)?;
+                    let mut w = wt.clone().aligned().view::<f32>().ok()?.to_vec();
+                    let mut b = match conv.input(2) {
+                        Some(cb) => f32s(g, cb).filter(|v| v.len() == mch)?,
+                        None => vec![0.0; mch],
+                    };
+                    if root.op == "Mul" {
+                        for (window, &c) in w.chunks_mut(per).zip(&chan) {
+                            window.iter_mut().for_each(|x| *x *= k[c]);
+                        }
+                        b.iter_mut().zip(&k).for_each(|(b, k)| *b *= k);
+                    } else {
+                        b.iter_mut().zip(&k).for_each(|(b, k)| *b += k);
+                    }
+                    let wv = consts.add(format!("{}.w_{}", conv.name, root.op.to_lowercase()), Tensor::from_vec(wt.shape(), w).ok()?);
+                    let bv = consts.add(format!("{}.b_{}", conv.name, root.op.to_lowercase()), Tensor::from_vec(&[mch], b).ok()?);
+                    let mut n = replacing(mx, m, &conv.op, "", conv.opset, vec![Some(m.value("x")), Some(wv), Some(bv)], conv.attrs.clone());
+                    n.name = conv.name.clone();
+                    Some(n)
+                });
+            }
+            count += FoldConvBatchNorm.run(model)?.0;
         }
         Ok((count, vec![]))
     }

@@ -210,6 +210,31 @@ fn conv_batchnorm_clip_becomes_one_fused_conv() {
     insta::assert_snapshot!(dump(&fused));
 }
 
+/// ConvTranspose's weight is [C, M/group, kh, kw]: the BatchNormalization scale of output
+/// channel m lands on the second index, per input group.
+#[test]
+fn conv_transpose_batchnorm_folds_into_the_conv_transpose() {
+    for group in [1usize, 2] {
+        let mut b = Builder::new();
+        let x = b.input("x", &[1, 4, 3, 3]);
+        let w = b.konst("w", &[4, 3, 2, 2], data(48, 20));
+        let cb = b.konst("cb", &[3 * group], data(3 * group, 21));
+        let scale = b.konst("scale", &[3 * group], data(3 * group, 22));
+        let bias = b.konst("bias", &[3 * group], data(3 * group, 23));
+        let mean = b.konst("mean", &[3 * group], data(3 * group, 24));
+        let var = b.konst("var", &[3 * group], (0..3 * group).map(|i| 0.5 + i as f32).collect());
+        let attrs = vec![ints("strides", &[2, 2]), Attribute { name: "group".into(), value: AttrValue::Int(group as i64) }];
+        let c = b.node("ConvTranspose", 11, &[x, w, cb], attrs.clone());
+        let y = b.node("BatchNormalization", 15, &[c, scale, bias, mean, var], vec![]);
+        // The form PaddleOCR exports: the bias as a separate Add between the two.
+        let ab = b.konst("ab", &[1, 3 * group, 1, 1], data(3 * group, 26));
+        let c2 = b.node("ConvTranspose", 11, &[x, w], attrs);
+        let a2 = b.node("Add", 14, &[c2, ab], vec![]);
+        let y2 = b.node("BatchNormalization", 15, &[a2, scale, bias, mean, var], vec![]);
+        check(b.finish(&[y, y2]), &[Tensor::from_vec(&[1, 4, 3, 3], data(36, 25)).unwrap()], &["ConvTranspose", "ConvTranspose"]);
+    }
+}
+
 #[test]
 fn hardswish_softmax_and_identity() {
     let mut b = Builder::new();
@@ -439,7 +464,7 @@ fn captured_constants_fold_inside_subgraphs_and_equal_blobs_are_stored_once() {
     // then: x + Concat(Slice(W, rows 0..32), Slice(W, rows 32..64)), all of it constant but x;
     // else: x - W, which must keep reading W from the enclosing graph.
     let mut b = Builder::new();
-    let x = b.input("x", &[64, 64]);
+    let _x = b.input("x", &[64, 64]);
     let cond = b.g.add_value("cond", Type::tensor(DType::Bool, vec![]));
     b.g.inputs.push(cond);
     b.konst("W", &[64, 64], data(64 * 64, 7));
