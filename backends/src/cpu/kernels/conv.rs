@@ -1028,8 +1028,16 @@ fn conv_transpose_core<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], bias: Option
             return Err(Error::Shape("ConvTranspose: bias does not have one element per output channel".into()));
         }
     }
-    for (i, plane) in y.chunks_mut(ysz.max(1)).enumerate() {
-        plane.fill(bias.map_or(T::ZERO, |b| b[i % s.m]));
+    // Kernel = stride, no dilation or padding (the 2×2 / stride 2 upsampling of U-Nets and
+    // PP-OCR det): every output element gets exactly one product, so it is written once from the
+    // columns instead of filled with the bias and then accumulated into.
+    let tiles = (0..3).all(|i| {
+        g.kernel[i] == g.stride[i] && (g.dilation[i] == 1 || g.kernel[i] == 1) && g.pad[i] == 0 && g.input[i] == g.output[i] * g.stride[i]
+    });
+    if !tiles || ysz == 0 || xsz == 0 {
+        for (i, plane) in y.chunks_mut(ysz.max(1)).enumerate() {
+            plane.fill(bias.map_or(T::ZERO, |b| b[i % s.m]));
+        }
     }
     if ysz == 0 || xsz == 0 {
         return Ok(());
@@ -1046,11 +1054,39 @@ fn conv_transpose_core<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], bias: Option
             gemm(rows, xsz, cpg, Mat::cols(wg, rows), Mat::rows(xg, xsz), false, col, xsz, true)?;
             let yg = &mut y[(b * s.m + grp * mpg) * ysz..][..mpg * ysz];
             crate::cpu::par::chunks_mut(yg, ysz, |m, yp| {
-                col2im(g, &col[m * ksz * xsz..(m + 1) * ksz * xsz], yp);
+                let cm = &col[m * ksz * xsz..(m + 1) * ksz * xsz];
+                if tiles {
+                    place_tiles(g, cm, bias.map_or(T::ZERO, |b| b[grp * mpg + m]), yp);
+                } else {
+                    col2im(g, cm, yp);
+                }
             });
         }
     }
     Ok(())
+}
+
+/// Write one output channel's plane from its columns ([k, X positions]) plus `bias` when the
+/// kernel tiles the output (kernel = stride, no dilation, no padding): each element once.
+fn place_tiles<T: MatElem>(g: &Geo3, col: &[T], bias: T, yp: &mut [T]) {
+    let xsz = g.out_size();
+    let (xh, xw) = (g.output[1], g.output[2]);
+    let (yh, yw) = (g.input[1], g.input[2]);
+    let (s0, s1, s2) = (g.stride[0], g.stride[1], g.stride[2]);
+    for yd in 0..g.input[0] {
+        for yr in 0..yh {
+            let (id, kd, ih, kh) = (yd / s0, yd % s0, yr / s1, yr % s1);
+            let row = &mut yp[(yd * yh + yr) * yw..][..yw];
+            let pos = (id * xh + ih) * xw;
+            for kw in 0..s2 {
+                let kk = (kd * g.kernel[1] + kh) * g.kernel[2] + kw;
+                let src = &col[kk * xsz + pos..][..xw];
+                for (iw, &v) in src.iter().enumerate() {
+                    row[iw * s2 + kw] = bias.add(v);
+                }
+            }
+        }
+    }
 }
 
 /// Scatter-add one output channel's columns ([k, X positions]) into its output plane.
@@ -1313,6 +1349,50 @@ mod tests {
             vec![t(vec![1., 2.], &[1, 1, 2]), t(vec![1., 1., 1.], &[1, 1, 3]), None],
         );
         assert_eq!(y.view::<f32>().unwrap(), &[1., 1., 3., 2., 2.]);
+    }
+
+    /// ConvTranspose 2-D against its definition: kernels that tile the output (kernel = stride,
+    /// written once per element) and ones that overlap or are padded (accumulated), with groups.
+    #[test]
+    fn conv_transpose_2d_matches_definition() {
+        let cases: [([usize; 2], [usize; 2], [usize; 4], usize); 4] =
+            [([2, 2], [2, 2], [0; 4], 1), ([3, 2], [3, 2], [0; 4], 2), ([2, 2], [2, 2], [1, 0, 0, 1], 1), ([3, 3], [2, 2], [1, 1, 1, 1], 2)];
+        for (ci, &(k, st, pads, group)) in cases.iter().enumerate() {
+            let (c, mg, h, w) = (4usize, 3usize, 3usize, 5usize);
+            let m = mg * group;
+            let mut r = lcg(ci as u64 + 40);
+            let x: Vec<f32> = (0..c * h * w).map(|_| r()).collect();
+            let wt: Vec<f32> = (0..c * mg * k[0] * k[1]).map(|_| r()).collect();
+            let b: Vec<f32> = (0..m).map(|_| r()).collect();
+            let (oh, ow) = (st[0] * (h - 1) + k[0] - pads[0] - pads[2], st[1] * (w - 1) + k[1] - pads[1] - pads[3]);
+            let mut want: Vec<f64> = (0..m * oh * ow).map(|i| b[i / (oh * ow)] as f64).collect();
+            let cg = c / group;
+            for ch in 0..c {
+                for j in 0..mg {
+                    let oc = (ch / cg) * mg + j;
+                    for iy in 0..h {
+                        for ix in 0..w {
+                            for ky in 0..k[0] {
+                                for kx in 0..k[1] {
+                                    let (y, xx) = ((iy * st[0] + ky) as isize - pads[0] as isize, (ix * st[1] + kx) as isize - pads[1] as isize);
+                                    if y >= 0 && xx >= 0 && (y as usize) < oh && (xx as usize) < ow {
+                                        want[(oc * oh + y as usize) * ow + xx as usize] +=
+                                            x[(ch * h + iy) * w + ix] as f64 * wt[((ch * mg + j) * k[0] + ky) * k[1] + kx] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let g = Attr { name: "group".into(), kind: AttrKind::Int as i32, i: group as i64, ..Default::default() };
+            let attrs = vec![g, ints("strides", &[st[0] as i64, st[1] as i64]), ints("pads", &pads.map(|p| p as i64))];
+            let y = run("ConvTranspose", attrs, vec![t(x, &[1, c, h, w]), t(wt, &[c, mg, k[0], k[1]]), t(b, &[m])]);
+            assert_eq!(y.shape(), &[1, m, oh, ow], "case {ci}");
+            for (i, (&got, &want)) in y.view::<f32>().unwrap().iter().zip(&want).enumerate() {
+                assert!((got as f64 - want).abs() < 1e-4, "case {ci} element {i}: {got} vs {want}");
+            }
+        }
     }
 
     // ---- f32 conv against a scalar reference ----
