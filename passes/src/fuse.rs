@@ -1,8 +1,9 @@
 //! Fusion passes, each a small named unit over `pattern`'s declarative matcher:
 //!
 //! - `identity`: Identity and inference-mode Dropout disappear (their readers read the input).
-//! - `conv-bn`: Conv or ConvTranspose followed by BatchNormalization (constant statistics)
-//!   becomes one node of the same op with rescaled weights and bias.
+//! - `conv-bn`: Conv or ConvTranspose followed by BatchNormalization (constant statistics),
+//!   directly or through a per-channel bias Add, becomes one node of the same op with rescaled
+//!   weights and bias.
 //! - `gelu`, `layernorm`, `hardswish`, `softmax`: decomposed forms exporters emit are recognised
 //!   and replaced by the standard ONNX op (Gelu-20, LayerNormalization-17, HardSwish-14,
 //!   Softmax-13), which run as one kernel.
@@ -17,7 +18,7 @@
 //!   collapse; a Transpose that only moves size-1 axes becomes a Reshape.
 //! - `rmsnorm`: x / √(mean(x²) + eps) · g becomes RMSNormalization-23.
 //! - `conv-affine`: a per-channel constant Mul or Add after a Conv or ConvTranspose folds into its
-//!   weights / bias (and a BatchNormalization that then follows the conv directly, as `conv-bn`).
+//!   weights / bias.
 //!
 //! Every pass leaves the graph computing the same outputs (within float tolerance); the node
 //! suite and the real-model goldens run with all of them on.
@@ -29,7 +30,7 @@ use kiln_compiler::pass::Pass;
 use kiln_compiler::Result;
 use kiln_runtime::{DType, Tensor};
 
-use crate::pattern::{erf, konst, op, pow, rewrite_all, sqrt, sym, tanh, unary, Match, Matcher, Pat};
+use crate::pattern::{erf, konst, op, pow, rewrite_all, sqrt, sym, tanh, unary, Match, Matcher, NewConsts, Pat};
 
 /// The domain of kiln's own fused ops (kernels in backends/src/cpu/kernels/fused.rs).
 pub const KILN_DOMAIN: &str = "kiln";
@@ -119,9 +120,12 @@ impl Pass for EliminateIdentity {
 
 pub struct FoldConvBatchNorm;
 
-fn conv_bn_pat(conv_op: &'static str) -> Pat {
-    op("BatchNormalization", vec![op(conv_op, vec![sym("x"), konst("w")]).named("conv"), konst("scale"), konst("bias"), konst("mean"), konst("var")])
-        .named("bn")
+/// BatchNormalization of a conv's output, or of the conv plus a per-channel constant (the bias
+/// as a separate Add: PaddleOCR's ConvTranspose → Add → BatchNormalization).
+fn conv_bn_pats(conv_op: &'static str) -> [Pat; 2] {
+    let conv = || op(conv_op, vec![sym("x"), konst("w")]).named("conv");
+    let bn = |input: Pat| op("BatchNormalization", vec![input, konst("scale"), konst("bias"), konst("mean"), konst("var")]).named("bn");
+    [bn(conv()), bn(conv() + konst("k"))]
 }
 
 fn f32s(g: &Graph, v: ValueId) -> Option<Vec<f32>> {
@@ -129,22 +133,68 @@ fn f32s(g: &Graph, v: ValueId) -> Option<Vec<f32>> {
     (t.dtype() == DType::F32).then(|| t.clone().aligned().view::<f32>().ok().map(|s| s.to_vec())).flatten()
 }
 
-/// Output channels of a Conv (W [M, C/g, ...]) or ConvTranspose (W [C, M/g, ...]) weight of
-/// shape `wshape` in `group` groups, and the output channel of each run of `per` consecutive
-/// weights (one kernel window). None if the shape does not fit.
-fn out_channels(wshape: &[usize], transposed: bool, group: usize) -> Option<(usize, usize, Vec<usize>)> {
-    let per = wshape.get(2..)?.iter().product::<usize>();
-    let (a, b) = (*wshape.first()?, *wshape.get(1)?);
-    if transposed {
-        if group == 0 || a % group != 0 {
+/// The matched conv (node "conv", weight "w", input "x") as a per-output-channel affine map
+/// sees it.
+struct ConvOut {
+    /// Output channels.
+    m: usize,
+    /// Weights per kernel window, and the output channel of each window: a Conv's W is
+    /// [M, C/g, ...]; a ConvTranspose's is [C, M/g, ...], so there window (ci, j) writes channel
+    /// (ci / (C/g))·(M/g) + j.
+    per: usize,
+    chan: Vec<usize>,
+    /// The conv's bias (zeros if it has none).
+    bias: Vec<f32>,
+}
+
+fn conv_out(mx: &Matcher, m: &Match) -> Option<ConvOut> {
+    let g = mx.g;
+    let conv = &g.nodes[m.node("conv")];
+    let wt = g.konst(m.value("w"))?;
+    let group = conv.attr_int("group").unwrap_or(1).max(1) as usize;
+    let ws = wt.shape();
+    // At most a bias input, as the folded node is built with.
+    if conv.inputs.len() > 3 || wt.dtype() != DType::F32 || ws.len() < 3 {
+        return None;
+    }
+    let per = ws[2..].iter().product::<usize>();
+    let (a, b) = (ws[0], ws[1]);
+    let (mch, chan) = if conv.op == "ConvTranspose" {
+        if a % group != 0 {
             return None;
         }
         let cg = a / group;
-        // Window (ci, j) writes output channel (ci / cg)·b + j.
-        Some((b * group, per, (0..a * b).map(|e| (e / b / cg) * b + e % b).collect()))
+        (b * group, (0..a * b).map(|e| (e / b / cg) * b + e % b).collect())
     } else {
-        Some((a, per, (0..a * b).map(|e| e / b).collect()))
+        (a, (0..a * b).map(|e| e / b).collect())
+    };
+    if mch == 0 {
+        return None;
     }
+    let bias = match conv.input(2) {
+        Some(cb) => f32s(g, cb).filter(|v| v.len() == mch)?,
+        None => vec![0.0; mch],
+    };
+    Some(ConvOut { m: mch, per, chan, bias })
+}
+
+/// The matched conv with output channel c's weights multiplied by `mul[c]` (when given) and the
+/// bias `bias`; the new constants are named after the conv with `tag`.
+fn refold_conv(mx: &Matcher, m: &Match, consts: &mut NewConsts, co: &ConvOut, mul: Option<&[f32]>, bias: Vec<f32>, tag: &str) -> Option<Node> {
+    let g = mx.g;
+    let conv = &g.nodes[m.node("conv")];
+    let wt = g.konst(m.value("w"))?;
+    let mut w = wt.clone().aligned().view::<f32>().ok()?.to_vec();
+    if let Some(k) = mul {
+        for (window, &c) in w.chunks_mut(co.per).zip(&co.chan) {
+            window.iter_mut().for_each(|x| *x *= k[c]);
+        }
+    }
+    let wv = consts.add(format!("{}.w_{tag}", conv.name), Tensor::from_vec(wt.shape(), w).ok()?);
+    let bv = consts.add(format!("{}.b_{tag}", conv.name), Tensor::from_vec(&[co.m], bias).ok()?);
+    let mut n = replacing(mx, m, &conv.op, "", conv.opset, vec![Some(m.value("x")), Some(wv), Some(bv)], conv.attrs.clone());
+    n.name = conv.name.clone();
+    Some(n)
 }
 
 impl Pass for FoldConvBatchNorm {
@@ -154,41 +204,29 @@ impl Pass for FoldConvBatchNorm {
 
     fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
         let mut count = 0;
-        for conv_op in ["Conv", "ConvTranspose"] {
-            let transposed = conv_op == "ConvTranspose";
-            count += rewrite_all(&mut model.graph, &conv_bn_pat(conv_op), |mx, m, consts| {
+        for p in conv_bn_pats("Conv").iter().chain(&conv_bn_pats("ConvTranspose")) {
+            count += rewrite_all(&mut model.graph, p, |mx, m, consts| {
                 let g = mx.g;
-                let conv = &g.nodes[m.node("conv")];
                 let bn = &g.nodes[m.node("bn")];
-                // Training-mode outputs (running mean/var) must be unused; the conv has at most a bias.
-                if bn.outputs.iter().skip(1).flatten().next().is_some() || conv.inputs.len() > 3 {
+                // Training-mode outputs (running mean/var) must be unused.
+                if bn.outputs.iter().skip(1).flatten().next().is_some() {
                     return None;
                 }
-                let w = f32s(g, m.value("w"))?;
+                let co = conv_out(mx, m)?;
+                let mch = co.m;
                 let (s, b, mu, var) =
                     (f32s(g, m.value("scale"))?, f32s(g, m.value("bias"))?, f32s(g, m.value("mean"))?, f32s(g, m.value("var"))?);
-                let wshape = g.konst(m.value("w"))?.shape().to_vec();
-                let group = conv.attr_int("group").unwrap_or(1).max(1) as usize;
-                let (mch, per, chan) = out_channels(&wshape, transposed, group)?;
-                if mch == 0 || [s.len(), b.len(), mu.len(), var.len()].iter().any(|&l| l != mch) {
+                if [s.len(), b.len(), mu.len(), var.len()].iter().any(|&l| l != mch) {
                     return None;
                 }
-                let conv_bias = match conv.input(2) {
-                    Some(cb) => f32s(g, cb).filter(|v| v.len() == mch)?,
+                let added = match m.values.get("k") {
+                    Some(&k) => per_channel(g.konst(k)?, g.konst(m.value("w"))?.rank(), mch)?,
                     None => vec![0.0; mch],
                 };
                 let eps = bn.attr_float("epsilon").unwrap_or(1e-5);
                 let k: Vec<f32> = (0..mch).map(|c| s[c] / (var[c] + eps).sqrt()).collect();
-                let mut w2 = w;
-                for (window, &c) in w2.chunks_mut(per).zip(&chan) {
-                    window.iter_mut().for_each(|x| *x *= k[c]);
-                }
-                let b2: Vec<f32> = (0..mch).map(|c| (conv_bias[c] - mu[c]) * k[c] + b[c]).collect();
-                let wv = consts.add(format!("{}.w_bn", conv.name), Tensor::from_vec(&wshape, w2).ok()?);
-                let bv = consts.add(format!("{}.b_bn", conv.name), Tensor::from_vec(&[mch], b2).ok()?);
-                let mut n = replacing(mx, m, conv_op, "", conv.opset, vec![Some(m.value("x")), Some(wv), Some(bv)], conv.attrs.clone());
-                n.name = conv.name.clone();
-                Some(n)
+                let bias = (0..mch).map(|c| (co.bias[c] + added[c] - mu[c]) * k[c] + b[c]).collect();
+                refold_conv(mx, m, consts, &co, Some(&k), bias, "bn")
             });
         }
         Ok((count, vec![]))
@@ -870,43 +908,22 @@ impl Pass for FoldConvAffine {
 
     fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
         let mut count = 0;
-        // Two rounds: Conv·s + c and (Conv + c)·s both fold completely. A BatchNormalization
-        // that a folded Add had kept from its conv (ConvTranspose, Add(bias), BatchNormalization
-        // as PaddleOCR exports it) folds after each round.
-        for _ in 0..2 {
-            for p in conv_affine_pats().iter() {
-                count += rewrite_all(&mut model.graph, p, |mx, m, consts| {
-                    let g = mx.g;
-                    let conv = &g.nodes[m.node("conv")];
-                    let wt = g.konst(m.value("w"))?;
-                    let root = &g.nodes[m.matched[0]];
-                    let group = conv.attr_int("group").unwrap_or(1).max(1) as usize;
-                    let (mch, per, chan) = out_channels(wt.shape(), conv.op == "ConvTranspose", group)?;
-                    if conv.inputs.len() > 3 || wt.dtype() != DType::F32 || wt.rank() < 3 || mch == 0 {
-                        return None;
-                    }
-                    let k = per_channel(g.konst(m.value("k"))?, wt.rank(), mch)?;
-                    let mut w = wt.clone().aligned().view::<f32>().ok()?.to_vec();
-                    let mut b = match conv.input(2) {
-                        Some(cb) => f32s(g, cb).filter(|v| v.len() == mch)?,
-                        None => vec![0.0; mch],
-                    };
-                    if root.op == "Mul" {
-                        for (window, &c) in w.chunks_mut(per).zip(&chan) {
-                            window.iter_mut().for_each(|x| *x *= k[c]);
-                        }
-                        b.iter_mut().zip(&k).for_each(|(b, k)| *b *= k);
-                    } else {
-                        b.iter_mut().zip(&k).for_each(|(b, k)| *b += k);
-                    }
-                    let wv = consts.add(format!("{}.w_{}", conv.name, root.op.to_lowercase()), Tensor::from_vec(wt.shape(), w).ok()?);
-                    let bv = consts.add(format!("{}.b_{}", conv.name, root.op.to_lowercase()), Tensor::from_vec(&[mch], b).ok()?);
-                    let mut n = replacing(mx, m, &conv.op, "", conv.opset, vec![Some(m.value("x")), Some(wv), Some(bv)], conv.attrs.clone());
-                    n.name = conv.name.clone();
-                    Some(n)
-                });
-            }
-            count += FoldConvBatchNorm.run(model)?.0;
+        // Two rounds: Conv·s + c and (Conv + c)·s both fold completely.
+        for p in conv_affine_pats().iter().chain(conv_affine_pats().iter()) {
+            count += rewrite_all(&mut model.graph, p, |mx, m, consts| {
+                let g = mx.g;
+                let root = &g.nodes[m.matched[0]];
+                let co = conv_out(mx, m)?;
+                let k = per_channel(g.konst(m.value("k"))?, g.konst(m.value("w"))?.rank(), co.m)?;
+                let tag = root.op.to_lowercase();
+                if root.op == "Mul" {
+                    let bias = co.bias.iter().zip(&k).map(|(b, k)| b * k).collect();
+                    refold_conv(mx, m, consts, &co, Some(&k), bias, &tag)
+                } else {
+                    let bias = co.bias.iter().zip(&k).map(|(b, k)| b + k).collect();
+                    refold_conv(mx, m, consts, &co, None, bias, &tag)
+                }
+            });
         }
         Ok((count, vec![]))
     }
