@@ -8,10 +8,16 @@
 //! largest |w| / 127, so the result is a drop-in for `qgemm::quantize_weights`) and by
 //! `quant_int4` for `--int4-method gptq` (block scales chosen as the blocks are reached).
 
+use std::collections::HashMap;
+use std::hash::Hash;
+
 use kiln_backends::cpu::gemm::{self, BRef, Epilogue, MatRef};
 use kiln_backends::cpu::kernels::int4::{self, Int4Format, Int4Weight};
 use kiln_backends::cpu::qgemm::{self, QWeights};
-use kiln_runtime::Result;
+use kiln_compiler::ir::{Model, ValueId};
+use kiln_runtime::{Result, Tensor};
+
+use super::calibrate::{observe, Samples};
 
 /// Input second moments of one layer: H = Σ xᵀx over the rows seen, K×K (f64, symmetric).
 #[derive(Clone, Debug)]
@@ -141,6 +147,42 @@ fn inverse_upper_factor(h: Vec<f64>, k: usize) -> Option<Vec<f64>> {
     Some(u)
 }
 
+/// One layer whose statistics `hessians` gathers: its id, the value it reads, and its K.
+pub struct Watch<L> {
+    pub layer: L,
+    pub x: ValueId,
+    pub k: usize,
+}
+
+/// Input statistics of each watched layer (K at most `MAX_K`), from running the float model on
+/// the calibration samples: `rows(i, x)` builds layer i's GEMM input rows from a tensor of its
+/// value (None: it does not fit, skipped).
+pub fn hessians<L: Copy + Eq + Hash>(
+    model: &Model,
+    samples: &Samples,
+    layers: &[Watch<L>],
+    rows: impl Fn(usize, &Tensor) -> Option<Vec<f32>>,
+) -> Result<HashMap<L, Hessian>> {
+    let mut watch: Vec<ValueId> = layers.iter().filter(|l| l.k <= MAX_K).map(|l| l.x).collect();
+    watch.sort_unstable();
+    watch.dedup();
+    let mut hess: HashMap<L, Hessian> = HashMap::new();
+    let mut failed = None;
+    observe(model, samples, &watch, &mut |_, v, t| {
+        for (i, l) in layers.iter().enumerate().filter(|(_, l)| l.x == v && l.k <= MAX_K) {
+            if let Some(r) = rows(i, t) {
+                if let Err(e) = hess.entry(l.layer).or_insert_with(|| Hessian::new(l.k)).add_rows(&r) {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(hess),
+    }
+}
+
 /// Up to `max` rows, evenly spread, of a row-major `[m, k]` matrix (the inputs of a MatMul).
 pub fn sample_rows(x: &[f32], k: usize, max: usize) -> Vec<f32> {
     let m = x.len() / k.max(1);
@@ -148,10 +190,16 @@ pub fn sample_rows(x: &[f32], k: usize, max: usize) -> Vec<f32> {
     (0..m).step_by(step).flat_map(|r| x[r * k..(r + 1) * k].iter().copied()).collect()
 }
 
-/// Weights scaled for smoothing, H damped, and the upper factor of H⁻¹: what GPTQ's loop needs.
-/// None when GPTQ does not apply (K too large, no statistics) or H cannot be factored.
+/// Whether GPTQ applies to a `k`×`n` weight `w` with statistics `hess`.
+fn applies(w: &[f32], k: usize, n: usize, hess: &Hessian) -> bool {
+    hess.k == k && k <= MAX_K && hess.rows > 0 && w.len() == k * n
+}
+
+/// The weights in f64 with row r divided by `mul[r % period]` (the input smoothing, by which
+/// H's row and column r are multiplied), H damped, and the upper factor of H⁻¹: what GPTQ's
+/// loop needs. None when GPTQ does not apply or H cannot be factored.
 fn prepare(w: &[f32], k: usize, n: usize, hess: &Hessian, mul: Option<&[f32]>, period: usize) -> Option<(Vec<f64>, Vec<f64>)> {
-    if hess.k != k || k > MAX_K || hess.rows == 0 || w.len() != k * n {
+    if !applies(w, k, n, hess) {
         return None;
     }
     let mut h = hess.finish(mul, period);
@@ -208,8 +256,8 @@ fn compensate(
 }
 
 /// Quantize the row-major K×N weights `w` (rows = input channels, as the int8 GEMM reads them)
-/// with GPTQ against the input statistics `hess`, inputs multiplied by `mul[r % period]` at
-/// run time and the weights' row r divided by it (smoothing). None when GPTQ does not apply;
+/// with GPTQ against the input statistics `hess`, when the kernel multiplies input row r by
+/// `mul[r % period]` (smoothing: row r of `w` is divided by it here). None when GPTQ does not apply;
 /// the caller then rounds to nearest. Per-column scales are those of rounding to nearest.
 pub fn quantize(w: &[f32], k: usize, n: usize, hess: &Hessian, mul: Option<&[f32]>, period: usize) -> Option<Result<QWeights>> {
     let (mut wf, u) = prepare(w, k, n, hess, mul, period)?;
@@ -235,30 +283,18 @@ pub fn quantize(w: &[f32], k: usize, n: usize, hess: &Hessian, mul: Option<&[f32
 }
 
 /// Block-wise int4 (`fmt`) with GPTQ. Block scales and zero points are chosen first, from the
-/// weights as they are (`int4::quantize_block`'s clipped-range search), and the rows are then
+/// weights as they are (`int4::round_matmul`'s clipped-range search), and the rows are then
 /// rounded in order of decreasing input energy (H's diagonal, GPTQ's "act order"), so the
 /// rows that matter most are rounded while the most rows remain to absorb their error.
 /// None when GPTQ does not apply.
 pub fn quantize_int4(w: &[f32], k: usize, n: usize, hess: &Hessian, fmt: &Int4Format) -> Option<Result<Int4Weight>> {
-    if hess.k != k || k > MAX_K || hess.rows == 0 || w.len() != k * n {
+    if !applies(w, k, n, hess) {
         return None;
     }
-    let blocks = k.div_ceil(fmt.block);
-    let mut params = vec![(0f32, 0u8); blocks * n];
-    let mut vals = vec![0f32; fmt.block];
-    let mut scratch = vec![0u8; fmt.block];
-    for b in 0..blocks {
-        let (k0, len) = (b * fmt.block, fmt.block.min(k - b * fmt.block));
-        for j in 0..n {
-            for (i, v) in vals[..len].iter_mut().enumerate() {
-                *v = w[(k0 + i) * n + j];
-            }
-            match int4::quantize_block(&vals[..len], fmt, &mut scratch[..len]) {
-                Ok(p) => params[b * n + j] = p,
-                Err(e) => return Some(Err(e)),
-            }
-        }
-    }
+    let params = match int4::round_matmul(w, k, n, fmt) {
+        Ok((_, params)) => params,
+        Err(e) => return Some(Err(e)),
+    };
     // Permute rows (and H) into act order, run GPTQ there, and write codes back in place.
     let mut order: Vec<usize> = (0..k).collect();
     order.sort_by(|&a, &b| hess.h[b * k + b].total_cmp(&hess.h[a * k + a]));
@@ -319,18 +355,32 @@ mod tests {
         }
     }
 
+    /// `m` rows of `k` correlated inputs (a few latent factors, so H is far from diagonal).
+    fn correlated_rows(m: usize, k: usize, r: &mut impl FnMut() -> f32) -> Vec<f32> {
+        let lat: Vec<f32> = (0..m * 4).map(|_| r()).collect();
+        let mix: Vec<f32> = (0..4 * k).map(|_| r()).collect();
+        (0..m * k).map(|i| (0..4).map(|f| lat[(i / k) * 4 + f] * mix[f * k + i % k]).sum::<f32>() + 0.05 * r()).collect()
+    }
+
+    /// Σ over the rows of x of |x·(W - Ŵ)|², W and Ŵ row-major `[k, n]`.
+    fn product_error(x: &[f32], w: &[f32], wq: &[f32], k: usize, n: usize) -> f64 {
+        let mut e = 0f64;
+        for row in x.chunks_exact(k) {
+            for j in 0..n {
+                let d: f32 = (0..k).map(|p| row[p] * (w[p * n + j] - wq[p * n + j])).sum();
+                e += (d as f64).powi(2);
+            }
+        }
+        e
+    }
+
     /// GPTQ's products X·Ŵ are closer to X·W than those of rounding to nearest, on the rows
     /// its statistics came from.
     #[test]
     fn gptq_beats_round_to_nearest_on_the_products() {
         let (m, k, n) = (256, 48, 8);
         let mut r = lcg(7);
-        // Correlated inputs: a few latent factors, so H is far from diagonal.
-        let lat: Vec<f32> = (0..m * 4).map(|_| r()).collect();
-        let mix: Vec<f32> = (0..4 * k).map(|_| r()).collect();
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| (0..4).map(|f| lat[(i / k) * 4 + f] * mix[f * k + i % k]).sum::<f32>() + 0.05 * r())
-            .collect();
+        let x = correlated_rows(m, k, &mut r);
         let w: Vec<f32> = (0..k * n).map(|_| r()).collect();
         let mut hs = Hessian::new(k);
         hs.add_rows(&x).unwrap();
@@ -349,17 +399,7 @@ mod tests {
             }
             out
         };
-        let err = |wq: &[f32]| -> f64 {
-            let mut e = 0f64;
-            for i in 0..m {
-                for j in 0..n {
-                    let d: f32 = (0..k).map(|p| x[i * k + p] * (w[p * n + j] - wq[p * n + j])).sum();
-                    e += (d as f64).powi(2);
-                }
-            }
-            e
-        };
-        let (eg, er) = (err(&unpack(&g)), err(&unpack(&rtn)));
+        let (eg, er) = (product_error(&x, &w, &unpack(&g), k, n), product_error(&x, &w, &unpack(&rtn), k, n));
         assert!(eg < 0.7 * er, "gptq {eg} vs rtn {er}");
         assert_eq!(g.scale, rtn.scale);
     }
@@ -369,11 +409,7 @@ mod tests {
     fn int4_gptq_beats_round_to_nearest_on_the_products() {
         let (m, k, n) = (256, 64, 16);
         let mut r = lcg(11);
-        let lat: Vec<f32> = (0..m * 4).map(|_| r()).collect();
-        let mix: Vec<f32> = (0..4 * k).map(|_| r()).collect();
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| (0..4).map(|f| lat[(i / k) * 4 + f] * mix[f * k + i % k]).sum::<f32>() + 0.05 * r())
-            .collect();
+        let x = correlated_rows(m, k, &mut r);
         let w: Vec<f32> = (0..k * n).map(|_| r()).collect();
         let mut hs = Hessian::new(k);
         hs.add_rows(&x).unwrap();
@@ -381,17 +417,7 @@ mod tests {
             let fmt = Int4Format { block: 32, zero_points, f16_scales: true };
             let g = quantize_int4(&w, k, n, &hs, &fmt).unwrap().unwrap();
             let rtn = int4::quantize_matmul(&w, k, n, &fmt).unwrap();
-            let err = |q: &Int4Weight| -> f64 {
-                let wq = int4::dequantize_matmul(q, k, n, fmt.block).unwrap();
-                let mut e = 0f64;
-                for i in 0..m {
-                    for j in 0..n {
-                        let d: f32 = (0..k).map(|p| x[i * k + p] * (w[p * n + j] - wq[p * n + j])).sum();
-                        e += (d as f64).powi(2);
-                    }
-                }
-                e
-            };
+            let err = |q: &Int4Weight| product_error(&x, &w, &int4::dequantize_matmul(q, k, n, fmt.block).unwrap(), k, n);
             let (eg, er) = (err(&g), err(&rtn));
             assert!(eg < 0.7 * er, "zero points {zero_points}: gptq {eg} vs rtn {er}");
         }

@@ -26,7 +26,7 @@ use kiln_compiler::pass::Pass;
 use kiln_runtime::{DType, Error, Result, Tensor};
 
 use super::budget::{self, LayerId};
-use super::gptq::{self, Hessian};
+use super::gptq;
 use super::calibrate::{load_samples, observe, Samples};
 use super::{CompressOptions, Int4Method};
 
@@ -246,33 +246,18 @@ fn int_attr(name: &str, v: usize) -> Attribute {
 /// accuracy budget rewrites layers many times).
 fn gptq_weights(model: &Model, s: &Samples, fmt: &Int4Format) -> Result<HashMap<LayerId, Int4Weight>> {
     let cands = candidates(&model.graph);
-    let mut hess: HashMap<LayerId, Hessian> = HashMap::new();
-    let mut watch: Vec<ValueId> = cands
+    let watch: Vec<gptq::Watch<LayerId>> = cands
         .iter()
         .filter_map(|c| match &c.kind {
-            Kind::MatMul { a, k, .. } if *k <= gptq::MAX_K => Some(*a),
+            Kind::MatMul { a, k, .. } => Some(gptq::Watch { layer: c.layer, x: *a, k: *k }),
             _ => None,
         })
         .collect();
-    watch.sort_unstable();
-    watch.dedup();
-    let mut failed = None;
-    observe(model, s, &watch, &mut |_, v, t| {
-        let Ok(x) = t.view::<f32>() else { return };
-        for c in &cands {
-            if let Kind::MatMul { a, k, .. } = &c.kind {
-                if *a == v && t.shape().last() == Some(k) {
-                    let rows = gptq::sample_rows(x, *k, GPTQ_ROWS);
-                    if let Err(e) = hess.entry(c.layer).or_insert_with(|| Hessian::new(*k)).add_rows(&rows) {
-                        failed.get_or_insert(e);
-                    }
-                }
-            }
-        }
+    let hess = gptq::hessians(model, s, &watch, |i, t| {
+        let k = watch[i].k;
+        let x = t.view::<f32>().ok()?;
+        (t.shape().last() == Some(&k)).then(|| gptq::sample_rows(x, k, GPTQ_ROWS))
     })?;
-    if let Some(e) = failed {
-        return Err(e);
-    }
     cands
         .par_iter()
         .filter_map(|c| match &c.kind {

@@ -5,12 +5,15 @@
 //! Weights are quantized symmetrically per output channel to [-127, 127] and packed here, at
 //! compile time, into the int8 GEMM's panel layout with their per-channel sums; bias and activation
 //! move into the new node. For `int8` the u8 (scale, zero point) of each rewritten node's input
-//! comes from the calibration set (`calibrate::ranges` under `--calibrator`) and is stored as the
-//! node's `a_scale` / `a_zero`; `int8-dynamic` leaves them out, so the kernel picks them per run.
+//! comes from the calibration set (`calibrate::ranges_scaled` under `--calibrator`, after
+//! `--smoothing`) and is stored as the node's `a_scale` / `a_zero`, and the weights are rounded
+//! with GPTQ (`gptq.rs`) unless `--int8-weights rtn`; `int8-dynamic` leaves the input parameters
+//! out, so the kernel picks them per run.
 //!
 //! Layers where int8 costs accuracy for no gain stay float: depthwise and grouped convolutions
 //! (tiny per-output dot products), and products with fewer than `MIN_K` terms.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rayon::prelude::*;
@@ -51,6 +54,8 @@ pub struct QuantInt8 {
 /// A node to rewrite: its f32 input, the float weights, bias and the new node's attributes.
 struct Plan {
     node: usize,
+    /// The node's first output, which names the layer (stable while nodes are rewritten).
+    layer: LayerId,
     op: &'static str,
     x: ValueId,
     /// Weights as the int8 GEMM multiplies them, row-major [k, n]. Row r reads input channel
@@ -137,25 +142,29 @@ impl Plan {
         m
     }
 
-    /// The packed int8 weights, with row r divided by `mul[r % period]` when smoothing.
-    fn quantize(&self, mul: Option<&[f32]>) -> Result<QWeights> {
-        let scaled;
-        let w = match mul {
-            Some(mul) => {
-                scaled = self
-                    .w
-                    .chunks_exact(self.n)
-                    .enumerate()
-                    .flat_map(|(r, row)| {
-                        let f = mul.get(r % self.period).map_or(1.0, |m| 1.0 / m);
-                        row.iter().map(move |v| v * f)
-                    })
-                    .collect::<Vec<f32>>();
-                &scaled
-            }
-            None => &self.w,
-        };
-        qgemm::quantize_weights(w, self.k, self.n, self.n, 1)
+    /// The weights with row r divided by `mul[r % period]` (what smoothing multiplies the input by).
+    fn smoothed(&self, mul: Option<&[f32]>) -> Cow<'_, [f32]> {
+        match mul {
+            Some(mul) => self
+                .w
+                .chunks_exact(self.n)
+                .enumerate()
+                .flat_map(|(r, row)| {
+                    let f = mul.get(r % self.period).map_or(1.0, |m| 1.0 / m);
+                    row.iter().map(move |v| v * f)
+                })
+                .collect(),
+            None => Cow::Borrowed(&self.w),
+        }
+    }
+
+    /// The packed int8 weights, and whether GPTQ rounded them (with `hess`, where it applies
+    /// and H factors), else rounded to nearest.
+    fn quantize(&self, mul: Option<&[f32]>, hess: Option<&Hessian>) -> Result<(QWeights, bool)> {
+        match hess.and_then(|h| gptq::quantize(&self.w, self.k, self.n, h, mul, self.period)) {
+            Some(q) => Ok((q?, true)),
+            None => Ok((qgemm::quantize_weights(&self.smoothed(mul), self.k, self.n, self.n, 1)?, false)),
+        }
     }
 }
 
@@ -253,7 +262,7 @@ fn plan_matmul(g: &Graph, i: usize, x: ValueId, w: &Tensor) -> std::result::Resu
     };
     let mut attrs = act_attrs(n);
     attrs.push(attr("k", AttrValue::Int(k as i64)));
-    Ok(Plan { node: i, op: "MatMulInt8", x, w, k, n: cols, channels: k, period: k, axis: ChannelAxis::Last, patch: None, bias, attrs })
+    Ok(Plan { node: i, layer: n.output(0).ok_or("no output")?, op: "MatMulInt8", x, w, k, n: cols, channels: k, period: k, axis: ChannelAxis::Last, patch: None, bias, attrs })
 }
 
 fn plan_conv(g: &Graph, i: usize, x: ValueId, w: &Tensor) -> std::result::Result<Plan, &'static str> {
@@ -317,7 +326,7 @@ fn plan_conv(g: &Graph, i: usize, x: ValueId, w: &Tensor) -> std::result::Result
         }),
         _ => None,
     };
-    Ok(Plan { node: i, op: "ConvInt8", x, w: wk, k, n: m, channels: c, period: cp, axis: ChannelAxis::Second, patch, bias, attrs })
+    Ok(Plan { node: i, layer: n.output(0).ok_or("no output")?, op: "ConvInt8", x, w: wk, k, n: m, channels: c, period: cp, axis: ChannelAxis::Second, patch, bias, attrs })
 }
 
 /// How the int8 kernels quantize one input value (static int8).
@@ -333,9 +342,6 @@ struct InputQ {
 #[derive(Default)]
 struct Calib {
     inputs: BTreeMap<ValueId, InputQ>,
-    /// GPTQ-rounded weights per layer (static int8 with `--int8-weights gptq`), computed once:
-    /// the accuracy budget rewrites layers many times.
-    gptq: HashMap<LayerId, QWeights>,
 }
 
 /// SmoothQuant factors s_c = max|X_c|^α / max|W_c|^(1-α), returned as multipliers 1/s_c for
@@ -431,60 +437,19 @@ impl QuantInt8 {
         Ok(out)
     }
 
-    /// GPTQ statistics of every planned layer whose K allows it.
+    /// GPTQ statistics of every planned layer whose rows can be rebuilt (MatMul, explicit-pad
+    /// convolutions).
     fn hessians(&self, model: &Model, samples: &Samples, plans: &[Plan]) -> Result<HashMap<LayerId, Hessian>> {
-        let g = &model.graph;
-        let chosen: Vec<&Plan> = plans.iter().filter(|p| p.k <= gptq::MAX_K && (p.patch.is_some() || p.axis == ChannelAxis::Last)).collect();
-        let mut hess: HashMap<LayerId, Hessian> = HashMap::new();
-        let mut failed: Option<Error> = None;
-        let mut watch: Vec<ValueId> = chosen.iter().map(|p| p.x).collect::<HashSet<_>>().into_iter().collect();
-        watch.sort_unstable();
-        calibrate::observe(model, samples, &watch, &mut |_, v, t| {
-            for p in chosen.iter().filter(|p| p.x == v) {
-                let Some(layer) = g.nodes[p.node].output(0) else { continue };
-                if let Some(rows) = p.gemm_rows(t, rows_per_sample(p.k)) {
-                    if let Err(e) = hess.entry(layer).or_insert_with(|| Hessian::new(p.k)).add_rows(&rows) {
-                        failed.get_or_insert(e);
-                    }
-                }
-            }
-        })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(hess),
-        }
-    }
-
-    /// GPTQ-rounded weights of every planned layer whose statistics could be gathered (layers in
-    /// parallel: each factorises its own K×K matrix).
-    fn gptq(
-        &self,
-        model: &Model,
-        samples: &Samples,
-        plans: &[Plan],
-        inputs: &BTreeMap<ValueId, InputQ>,
-    ) -> Result<HashMap<LayerId, QWeights>> {
-        let hess = self.hessians(model, samples, plans)?;
-        let g = &model.graph;
-        let jobs: Vec<(LayerId, &Plan, &Hessian)> = plans
-            .iter()
-            .filter_map(|p| {
-                let l = g.nodes[p.node].output(0)?;
-                Some((l, p, hess.get(&l)?))
-            })
-            .collect();
-        jobs.into_par_iter()
-            .filter_map(|(l, p, h)| {
-                let mul = inputs.get(&p.x).and_then(|q| q.mul.as_deref());
-                Some(gptq::quantize(&p.w, p.k, p.n, h, mul, p.period)?.map(|w| (l, w)))
-            })
-            .collect()
+        let chosen: Vec<&Plan> = plans.iter().filter(|p| p.patch.is_some() || p.axis == ChannelAxis::Last).collect();
+        let watch: Vec<gptq::Watch<LayerId>> = chosen.iter().map(|p| gptq::Watch { layer: p.layer, x: p.x, k: p.k }).collect();
+        gptq::hessians(model, samples, &watch, |i, t| chosen[i].gemm_rows(t, rows_per_sample(chosen[i].k)))
     }
 
     /// The calibrated u8 parameters (and smoothing) of every planned node's input.
     fn calibrate(&self, model: &Model, samples: &Samples, plans: &[Plan]) -> Result<(Calib, usize)> {
-        let mut watch: Vec<ValueId> = plans.iter().map(|p| p.x).collect::<HashSet<_>>().into_iter().collect();
+        let mut watch: Vec<ValueId> = plans.iter().map(|p| p.x).collect();
         watch.sort_unstable();
+        watch.dedup();
         let mut muls = self.smoothing(model, samples, plans)?;
         let ranges = calibrate::ranges_scaled(model, samples, &watch, self.opts.calibrator, &muls)?;
         let smoothed = muls.len();
@@ -498,42 +463,33 @@ impl QuantInt8 {
                 Ok((v, InputQ { scale, zero, mul: muls.remove(&v).map(|m| m.1) }))
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
-        let gptq = if self.opts.int8_gptq { self.gptq(model, samples, plans, &params)? } else { HashMap::new() };
-        Ok((Calib { inputs: params, gptq }, smoothed))
+        Ok((Calib { inputs: params }, smoothed))
     }
 }
 
-/// Rewrite the planned nodes whose layer (first output) is in `layers`; returns (MatMul, Conv)
-/// counts. Static parameters come from `params` (empty for int8-dynamic).
-fn rewrite(model: &mut Model, layers: &[LayerId], calib: &Calib) -> Result<(usize, usize)> {
+/// Rewrite the planned nodes whose layer is in `layers` with their quantized `weights`;
+/// returns (MatMul, Conv) counts. Static input parameters come from `calib` (empty for
+/// int8-dynamic).
+fn rewrite(model: &mut Model, plans: &[Plan], weights: &HashMap<LayerId, QWeights>, layers: &[LayerId], calib: &Calib) -> Result<(usize, usize)> {
     let chosen: HashSet<LayerId> = layers.iter().copied().collect();
     let g = &mut model.graph;
-    let plans: Vec<Plan> = (0..g.nodes.len())
-        .filter(|&i| g.nodes[i].output(0).is_some_and(|o| chosen.contains(&o)))
-        .filter_map(|i| plan(g, i)?.ok())
-        .collect();
     let (mut mm, mut conv) = (0, 0);
-    for p in plans {
+    for p in plans.iter().filter(|p| chosen.contains(&p.layer)) {
         let base = g.nodes[p.node].name.clone();
         let iq = calib.inputs.get(&p.x);
-        let mul = iq.and_then(|q| q.mul.as_deref());
-        let layer = g.nodes[p.node].output(0);
-        let w = match layer.and_then(|l| calib.gptq.get(&l)) {
-            Some(w) => w.clone(),
-            None => p.quantize(mul)?,
-        };
+        let w = weights.get(&p.layer).ok_or_else(|| Error::Other(format!("int8: no weights for '{base}'")))?;
         let n = w.n;
-        let packed = g.add_const(format!("{base}.w_int8"), Tensor::from_vec(&[w.packed.len()], w.packed)?);
-        let scale = g.add_const(format!("{base}.w_scale"), Tensor::from_vec(&[n], w.scale)?);
-        let sum = g.add_const(format!("{base}.w_sum"), Tensor::from_vec(&[n], w.sum)?);
-        let bias = p.bias.map(|b| Tensor::from_vec(&[n], b)).transpose()?.map(|b| g.add_const(format!("{base}.bias"), b));
-        let mut attrs = p.attrs;
+        let packed = g.add_const(format!("{base}.w_int8"), Tensor::from_vec(&[w.packed.len()], w.packed.clone())?);
+        let scale = g.add_const(format!("{base}.w_scale"), Tensor::from_vec(&[n], w.scale.clone())?);
+        let sum = g.add_const(format!("{base}.w_sum"), Tensor::from_vec(&[n], w.sum.clone())?);
+        let bias = p.bias.clone().map(|b| Tensor::from_vec(&[n], b)).transpose()?.map(|b| g.add_const(format!("{base}.bias"), b));
+        let mut attrs = p.attrs.clone();
         let mut inputs = vec![Some(p.x), Some(packed), Some(scale), Some(sum), bias];
         if let Some(q) = iq {
             attrs.push(attr("a_scale", AttrValue::Float(q.scale)));
             attrs.push(attr("a_zero", AttrValue::Int(q.zero as i64)));
-            if let Some(m) = mul {
-                inputs.push(Some(g.add_const(format!("{base}.x_mul"), Tensor::from_vec(&[m.len()], m.to_vec())?)));
+            if let Some(m) = &q.mul {
+                inputs.push(Some(g.add_const(format!("{base}.x_mul"), Tensor::from_vec(&[m.len()], m.clone())?)));
             }
         }
         let node = &mut g.nodes[p.node];
@@ -579,12 +535,23 @@ impl Pass for QuantInt8 {
             (Some(s), false) => self.calibrate(model, s, &plans)?,
             _ => (Calib::default(), 0),
         };
-        let layers: Vec<LayerId> = plans.iter().filter_map(|p| model.graph.nodes[p.node].output(0)).collect();
-        drop(plans);
+        // Every layer's weights once (GPTQ needs the statistics; layers in parallel, each
+        // factorises its own K×K matrix): the accuracy budget rewrites layers many times.
+        let hess = match (&samples, self.dynamic, self.opts.int8_gptq) {
+            (Some(s), false, true) => self.hessians(model, s, &plans)?,
+            _ => HashMap::new(),
+        };
+        let rounded: Vec<(QWeights, bool)> = plans
+            .par_iter()
+            .map(|p| p.quantize(calib.inputs.get(&p.x).and_then(|q| q.mul.as_deref()), hess.get(&p.layer)))
+            .collect::<Result<_>>()?;
+        let gptq_layers = rounded.iter().filter(|r| r.1).count();
+        let weights: HashMap<LayerId, QWeights> = plans.iter().map(|p| p.layer).zip(rounded.into_iter().map(|r| r.0)).collect();
+        let layers: Vec<LayerId> = plans.iter().map(|p| p.layer).collect();
         let mut notes = Vec::new();
         let keep_float = match (self.opts.accuracy_budget, &samples) {
             (Some(b), Some(s)) => {
-                let q = |m: &mut Model, l: &[LayerId]| rewrite(m, l, &calib).map(|_| ());
+                let q = |m: &mut Model, l: &[LayerId]| rewrite(m, &plans, &weights, l, &calib).map(|_| ());
                 let sel = budget::select(model, s, &layers, &q, b)?;
                 notes.extend(budget::table(&sel));
                 sel.kept_float
@@ -592,14 +559,14 @@ impl Pass for QuantInt8 {
             _ => Vec::new(),
         };
         let chosen: Vec<LayerId> = layers.iter().copied().filter(|l| !keep_float.contains(l)).collect();
-        let (mm, conv) = rewrite(model, &chosen, &calib)?;
+        let (mm, conv) = rewrite(model, &plans, &weights, &chosen, &calib)?;
         notes.push(format!(
             "{}: quantized {} layers ({mm} MatMul/Gemm, {conv} Conv)",
             self.name(),
             mm + conv
         ));
-        if !calib.gptq.is_empty() {
-            notes.push(format!("GPTQ weight rounding: {} layers (the rest rounded to nearest)", calib.gptq.len()));
+        if gptq_layers > 0 {
+            notes.push(format!("GPTQ weight rounding: {gptq_layers} layers (the rest rounded to nearest)"));
         }
         if smoothed > 0 {
             notes.push(format!("smoothing ({:?}): {smoothed} of the layers' input values smoothed", self.opts.smoothing));

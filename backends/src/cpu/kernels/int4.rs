@@ -71,7 +71,7 @@ impl Int4Weight {
 }
 
 /// One block's scale (as stored, already rounded to the storage precision), zero point and codes.
-pub fn quantize_block(vals: &[f32], f: &Int4Format, codes: &mut [u8]) -> Result<(f32, u8)> {
+fn quantize_block(vals: &[f32], f: &Int4Format, codes: &mut [u8]) -> Result<(f32, u8)> {
     let stored = |s: f32| -> Result<f32> {
         if !s.is_finite() {
             return Err(Error::Other(format!("int4: non-finite weights or scale {s}")));
@@ -161,6 +161,13 @@ fn check_format(f: &Int4Format) -> Result<()> {
 
 /// Quantize a row-major `[k, n]` MatMul weight into the panel layout.
 pub fn quantize_matmul(w: &[f32], k: usize, n: usize, f: &Int4Format) -> Result<Int4Weight> {
+    let (codes, params) = round_matmul(w, k, n, f)?;
+    pack_matmul(&codes, &params, k, n, f)
+}
+
+/// Round a row-major `[k, n]` weight block by block (`quantize_block`): row-major codes and the
+/// (scale, zero point) of block b of column j at `params[b·n + j]`, as `pack_matmul` takes them.
+pub fn round_matmul(w: &[f32], k: usize, n: usize, f: &Int4Format) -> Result<(Vec<u8>, Vec<(f32, u8)>)> {
     check_format(f)?;
     if w.len() != k * n {
         return Err(Error::Shape(format!("int4: weight of {} values for [{k}, {n}]", w.len())));
@@ -183,7 +190,7 @@ pub fn quantize_matmul(w: &[f32], k: usize, n: usize, f: &Int4Format) -> Result<
             }
         }
     }
-    pack_matmul(&codes, &params, k, n, f)
+    Ok((codes, params))
 }
 
 /// Pack row-major `[k, n]` codes and per-block (scale, zero point) pairs (`params[b·n + j]` for
