@@ -56,6 +56,10 @@ pub struct Args {
     /// or rtn (round to nearest).
     #[arg(long, default_value = "gptq", value_name = "METHOD")]
     int8_weights: String,
+    /// int8 (static) and int4 with --calibration: do not correct each layer's bias for the mean
+    /// output shift its rounded weights cause on the calibration inputs.
+    #[arg(long)]
+    no_bias_correction: bool,
     /// int4: block size along K (32, 64 or 128).
     #[arg(long, default_value_t = 32)]
     block_size: usize,
@@ -73,6 +77,10 @@ pub struct Args {
     /// calibration set is within this budget (1 - cosine).
     #[arg(long, value_name = "X")]
     accuracy_budget: Option<f32>,
+    /// Keep these layers in float (node names, or their first output's name, comma-separated;
+    /// `--report` lists the quantized layers).
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    keep_float: Vec<String>,
     /// Prune: magnitude:S[:global|:layer] (unstructured, stored sparsely), channels:S (removes
     /// output channels), 2:4 (semi-structured).
     #[arg(long, value_name = "SPEC")]
@@ -94,6 +102,8 @@ fn compress_options(a: &Args) -> Result<CompressOptions> {
         },
         int4_zero_points: a.int4_zero_points,
         accuracy_budget: a.accuracy_budget,
+        keep_float: a.keep_float.clone(),
+        bias_correction: !a.no_bias_correction,
         smoothing: a.smoothing.parse()?,
         int8_gptq: match a.int8_weights.as_str() {
             "gptq" => true,

@@ -58,10 +58,11 @@ fn static_int8_defaults_and_variants_stay_close_to_float() {
     let (q, report) = compile(dir.path(), "int8", &["--quantize", "int8", "--calibration", cal]);
     assert!(report.contains("quantized 2 layers"), "{report}");
     assert!(report.contains("GPTQ weight rounding: 2 layers"), "{report}");
+    assert!(report.contains("bias correction: 2 layers"), "{report}");
     let (cos, _, top1) = compare(&fp32, &q);
     assert!(cos > 0.999 && top1 == 1.0, "int8: cosine {cos}, top-1 {top1}");
     for (name, flags) in [
-        ("rtn", vec!["--int8-weights", "rtn", "--smoothing", "off"]),
+        ("rtn", vec!["--int8-weights", "rtn", "--smoothing", "off", "--no-bias-correction"]),
         ("alpha", vec!["--smoothing", "0.5", "--calibrator", "minmax"]),
         ("entropy", vec!["--calibrator", "entropy"]),
     ] {
@@ -85,6 +86,23 @@ fn int8_accuracy_budget_of_zero_keeps_every_layer_float() {
         let (_, max_abs, _) = compare(&fp32, &q);
         assert_eq!(max_abs, 0.0, "{mode}: every layer float, so outputs are equal");
     }
+}
+
+#[test]
+fn keep_float_names_layers_that_stay_float() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = calibration(dir.path());
+    let cal = cal.to_str().unwrap();
+    // By node name (fc_bias: the MatMul fused with its bias Add, as the report names layers)
+    // and by first output name (logits, fc_bias's).
+    let (_, report) = compile(dir.path(), "int8", &["--quantize", "int8", "--calibration", cal, "--keep-float", "fc_bias"]);
+    assert!(report.contains("quantized 1 layers (0 MatMul/Gemm, 1 Conv)") && report.contains("1 by --keep-float"), "{report}");
+    let (fp32, _) = compile(dir.path(), "fp32", &[]);
+    let (q, report) = compile(dir.path(), "both", &["--quantize", "int8-dynamic", "--keep-float", "logits,conv2"]);
+    assert!(report.contains("quantized 0 layers"), "{report}");
+    assert_eq!(compare(&fp32, &q).1, 0.0, "every layer float, so outputs are equal");
+    let (_, report) = compile(dir.path(), "int4", &["--quantize", "int4", "--keep-float", "logits"]);
+    assert!(report.contains("kept 1 layers in float by --keep-float") && report.contains("0 MatMul-like"), "{report}");
 }
 
 #[test]
@@ -112,6 +130,7 @@ fn bad_compression_flags_are_clear_errors() {
         (vec!["--quantize", "int8", "--calibration", cal.to_str().unwrap(), "--int8-weights", "best"], "--int8-weights"),
         (vec!["--quantize", "int8", "--calibration", cal.to_str().unwrap(), "--calibrator", "p99"], "--calibrator"),
         (vec!["--quantize", "int4", "--block-size", "48"], "--block-size"),
+        (vec!["--quantize", "int8-dynamic", "--keep-float", "conv9"], "--keep-float conv9"),
     ] {
         let mut args = vec!["compile", model.to_str().unwrap(), "-o", out.to_str().unwrap()];
         args.extend(&flags);

@@ -224,6 +224,15 @@ mod tests {
         set_override(None);
         assert!(active().supported());
     }
+
+    #[test]
+    fn kiln_isa_env_is_honoured() {
+        // The suite is run under KILN_ISA=scalar and KILN_ISA=<vector ISA>: check the variable
+        // reaches the dispatch (an ISA the CPU lacks falls back to the best one).
+        if let Some(want) = std::env::var("KILN_ISA").ok().and_then(|v| Isa::parse(&v)) {
+            assert_eq!(from_env(), if want.supported() { want } else { best() });
+        }
+    }
 }
 
 /// Run `f` compiled for the active SIMD ISA: the closure, and the `#[inline(always)]` math it

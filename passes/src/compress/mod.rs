@@ -115,6 +115,12 @@ pub struct CompressOptions {
     pub smoothing: Smoothing,
     /// Static int8: round weights with GPTQ (from the calibration inputs) instead of to nearest.
     pub int8_gptq: bool,
+    /// Static int8 and calibrated int4: take the mean output shift of each layer's rounded
+    /// weights (on the calibration inputs) off its bias.
+    pub bias_correction: bool,
+    /// Layers that stay float whatever else is asked: node names or the names of their first
+    /// output (as `--report`'s layer table prints them).
+    pub keep_float: Vec<String>,
 }
 
 impl Default for CompressOptions {
@@ -131,11 +137,27 @@ impl Default for CompressOptions {
             accuracy_budget: None,
             smoothing: Smoothing::Auto,
             int8_gptq: true,
+            bias_correction: true,
+            keep_float: Vec::new(),
         }
     }
 }
 
 impl CompressOptions {
+    /// Whether `--keep-float` names the node (by its name or its first output's name).
+    pub fn keeps_float(&self, g: &kiln_compiler::ir::Graph, node: usize) -> bool {
+        self.keep_float.iter().any(|k| names(g, node, k))
+    }
+
+    /// An error for a `--keep-float` name that is none of the `layers` (node indices) a
+    /// quantization pass would rewrite: a typo would otherwise quantize the layer silently.
+    pub fn check_keep_float(&self, g: &kiln_compiler::ir::Graph, layers: &[usize]) -> Result<()> {
+        match self.keep_float.iter().find(|k| !layers.iter().any(|&i| names(g, i, k))) {
+            Some(k) => Err(Error::Input(format!("--keep-float {k}: no quantizable layer has that name (`kiln compile --report` with --accuracy-budget lists them)"))),
+            None => Ok(()),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.quantize.is_none() && self.prune.is_none()
     }
@@ -213,6 +235,12 @@ impl std::str::FromStr for Prune {
 }
 
 /// The compression passes `opts` asks for, in the order they must run.
+/// Whether `name` is node `i`'s name or its first output's.
+fn names(g: &kiln_compiler::ir::Graph, i: usize, name: &str) -> bool {
+    let n = &g.nodes[i];
+    n.name == name || n.output(0).is_some_and(|o| g.values[o].name == name)
+}
+
 pub fn passes(opts: &CompressOptions) -> Result<Vec<Box<dyn Pass>>> {
     if opts.quantize == Some(Quantize::Int8) && opts.calibration.is_none() {
         return Err(Error::Input("--quantize int8 needs --calibration DIR (or use int8-dynamic)".into()));

@@ -66,6 +66,8 @@ impl Pass for QuantizeInt4 {
     fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
         let fmt = self.format();
         let mut notes = Vec::new();
+        let nodes: Vec<usize> = candidates(&model.graph).iter().map(|c| c.node).collect();
+        self.opts.check_keep_float(&model.graph, &nodes)?;
         let samples = match &self.opts.calibration {
             Some(dir) if self.opts.int4_method != Int4Method::Rtn || self.opts.accuracy_budget.is_some() => {
                 Some(load_samples(dir, model)?)
@@ -78,14 +80,18 @@ impl Pass for QuantizeInt4 {
         }
         let gptq = if self.opts.int4_method == Int4Method::Gptq {
             let s = samples.as_ref().ok_or_else(|| Error::Input("--int4-method gptq needs --calibration DIR".into()))?;
-            gptq_weights(model, s, &fmt)?
+            gptq_weights(model, s, &fmt, self.opts.bias_correction)?
         } else {
             HashMap::new()
         };
         if self.opts.int4_method == Int4Method::Gptq {
             notes.push(format!("GPTQ rounding: {} MatMul-like layers (tables rounded to nearest)", gptq.len()));
         }
-        let layers: Vec<LayerId> = candidates(&model.graph).iter().map(|c| c.layer).collect();
+        let cands = candidates(&model.graph);
+        let layers: Vec<LayerId> = cands.iter().filter(|c| !self.opts.keeps_float(&model.graph, c.node)).map(|c| c.layer).collect();
+        if layers.len() < cands.len() {
+            notes.push(format!("kept {} layers in float by --keep-float", cands.len() - layers.len()));
+        }
         let keep_float = match (self.opts.accuracy_budget, &samples) {
             (Some(b), Some(s)) => {
                 let q = |m: &mut Model, l: &[LayerId]| quantize_layers(m, l, &fmt, &gptq).map(|_| ());
@@ -242,9 +248,17 @@ fn int_attr(name: &str, v: usize) -> Attribute {
     Attribute { name: name.into(), value: AttrValue::Int(v as i64) }
 }
 
+/// A MatMul's GPTQ-rounded weights and its bias corrected for their mean output shift
+/// (`gptq::corrected_bias`; None: no bias and no correction).
+#[derive(Clone)]
+struct Rounded {
+    w: Int4Weight,
+    bias: Option<Vec<f32>>,
+}
+
 /// GPTQ-rounded weights of every MatMul-like candidate (computed once, layers in parallel: the
 /// accuracy budget rewrites layers many times).
-fn gptq_weights(model: &Model, s: &Samples, fmt: &Int4Format) -> Result<HashMap<LayerId, Int4Weight>> {
+fn gptq_weights(model: &Model, s: &Samples, fmt: &Int4Format, bias_correction: bool) -> Result<HashMap<LayerId, Rounded>> {
     let cands = candidates(&model.graph);
     let watch: Vec<gptq::Watch<LayerId>> = cands
         .iter()
@@ -261,9 +275,16 @@ fn gptq_weights(model: &Model, s: &Samples, fmt: &Int4Format) -> Result<HashMap<
     cands
         .par_iter()
         .filter_map(|c| match &c.kind {
-            Kind::MatMul { w, k, n, .. } => {
+            Kind::MatMul { w, k, n, bias, .. } => {
                 let h = hess.get(&c.layer)?;
-                Some(gptq::quantize_int4(w, *k, *n, h, fmt)?.map(|q| (c.layer, q)))
+                let round = |q: Int4Weight| -> Result<(LayerId, Rounded)> {
+                    let bias = match bias_correction {
+                        true => gptq::corrected_bias(bias.as_deref(), w, &dequantize_matmul(&q, *k, *n, fmt.block)?, *n, h).or_else(|| bias.clone()),
+                        false => bias.clone(),
+                    };
+                    Ok((c.layer, Rounded { w: q, bias }))
+                };
+                Some(gptq::quantize_int4(w, *k, *n, h, fmt)?.and_then(round))
             }
             _ => None,
         })
@@ -272,7 +293,7 @@ fn gptq_weights(model: &Model, s: &Samples, fmt: &Int4Format) -> Result<HashMap<
 
 /// Quantize the candidates of `model` whose layer is in `layers` (MatMul weights from `gptq`
 /// where it has them).
-fn quantize_layers(model: &mut Model, layers: &[LayerId], fmt: &Int4Format, gptq: &HashMap<LayerId, Int4Weight>) -> Result<Stats> {
+fn quantize_layers(model: &mut Model, layers: &[LayerId], fmt: &Int4Format, gptq: &HashMap<LayerId, Rounded>) -> Result<Stats> {
     let mut st = Stats::default();
     let g = &mut model.graph;
     for c in candidates(g).into_iter().filter(|c| layers.contains(&c.layer)) {
@@ -280,9 +301,9 @@ fn quantize_layers(model: &mut Model, layers: &[LayerId], fmt: &Int4Format, gptq
         let base = if base.is_empty() { g.values[c.layer].name.clone() } else { base };
         let (inputs, op, attrs) = match c.kind {
             Kind::MatMul { a, w, k, n, bias, act } => {
-                let q = match gptq.get(&c.layer) {
-                    Some(q) => q.clone(),
-                    None => quantize_matmul(&w, k, n, fmt)?,
+                let (q, bias) = match gptq.get(&c.layer) {
+                    Some(r) => (r.w.clone(), r.bias.clone()),
+                    None => (quantize_matmul(&w, k, n, fmt)?, bias),
                 };
                 st.matmuls += 1;
                 st.bytes_before += w.len() * 4;

@@ -7,8 +7,9 @@
 //! move into the new node. For `int8` the u8 (scale, zero point) of each rewritten node's input
 //! comes from the calibration set (`calibrate::ranges_scaled` under `--calibrator`, after
 //! `--smoothing`) and is stored as the node's `a_scale` / `a_zero`, and the weights are rounded
-//! with GPTQ (`gptq.rs`) unless `--int8-weights rtn`; `int8-dynamic` leaves the input parameters
-//! out, so the kernel picks them per run.
+//! with GPTQ (`gptq.rs`) unless `--int8-weights rtn`, then bias-corrected for the mean shift the
+//! rounding causes (`corrected_bias`); `int8-dynamic` leaves the input parameters out, so the
+//! kernel picks them per run.
 //!
 //! Layers where int8 costs accuracy for no gain stay float: depthwise and grouped convolutions
 //! (tiny per-output dot products), and products with fewer than `MIN_K` terms.
@@ -393,6 +394,24 @@ fn noise_estimate(st: &ChannelStats, consumers: &[&Plan], mul: &[f32]) -> f64 {
     w_sq * step_x * step_x / 12.0 + from_w
 }
 
+/// `p`'s bias corrected for the mean shift of its rounded weights `w` (`gptq::corrected_bias`).
+fn corrected_bias(p: &Plan, w: &QWeights, hess: &Hessian, mul: Option<&[f32]>) -> Option<Vec<f32>> {
+    if w.k != p.k || w.n != p.n {
+        return p.bias.clone();
+    }
+    // The dequantized weights in the input's own domain (smoothing divided rows by mul).
+    let deq: Vec<f32> = w
+        .unpacked()
+        .chunks_exact(p.n)
+        .enumerate()
+        .flat_map(|(r, row)| {
+            let m = mul.and_then(|m| m.get(r % p.period)).map_or(1.0, |&v| v);
+            row.iter().zip(&w.scale).map(move |(&q, &s)| q as f32 * s * m)
+        })
+        .collect();
+    gptq::corrected_bias(p.bias.as_deref(), &p.w, &deq, p.n, hess).or_else(|| p.bias.clone())
+}
+
 impl QuantInt8 {
     /// Smoothing multipliers for each planned input value, as `--smoothing` asks.
     fn smoothing(&self, model: &Model, samples: &Samples, plans: &[Plan]) -> Result<HashMap<ValueId, (ChannelAxis, Vec<f32>)>> {
@@ -437,8 +456,8 @@ impl QuantInt8 {
         Ok(out)
     }
 
-    /// GPTQ statistics of every planned layer whose rows can be rebuilt (MatMul, explicit-pad
-    /// convolutions).
+    /// Input statistics (GPTQ's second moments, and the means for bias correction) of every
+    /// planned layer whose rows can be rebuilt (MatMul, explicit-pad convolutions).
     fn hessians(&self, model: &Model, samples: &Samples, plans: &[Plan]) -> Result<HashMap<LayerId, Hessian>> {
         let chosen: Vec<&Plan> = plans.iter().filter(|p| p.patch.is_some() || p.axis == ChannelAxis::Last).collect();
         let watch: Vec<gptq::Watch<LayerId>> = chosen.iter().map(|p| gptq::Watch { layer: p.layer, x: p.x, k: p.k }).collect();
@@ -467,22 +486,29 @@ impl QuantInt8 {
     }
 }
 
+/// A layer's int8 weights and its bias (bias-corrected for static int8).
+struct Rounded {
+    w: QWeights,
+    bias: Option<Vec<f32>>,
+}
+
 /// Rewrite the planned nodes whose layer is in `layers` with their quantized `weights`;
 /// returns (MatMul, Conv) counts. Static input parameters come from `calib` (empty for
 /// int8-dynamic).
-fn rewrite(model: &mut Model, plans: &[Plan], weights: &HashMap<LayerId, QWeights>, layers: &[LayerId], calib: &Calib) -> Result<(usize, usize)> {
+fn rewrite(model: &mut Model, plans: &[Plan], weights: &HashMap<LayerId, Rounded>, layers: &[LayerId], calib: &Calib) -> Result<(usize, usize)> {
     let chosen: HashSet<LayerId> = layers.iter().copied().collect();
     let g = &mut model.graph;
     let (mut mm, mut conv) = (0, 0);
     for p in plans.iter().filter(|p| chosen.contains(&p.layer)) {
         let base = g.nodes[p.node].name.clone();
         let iq = calib.inputs.get(&p.x);
-        let w = weights.get(&p.layer).ok_or_else(|| Error::Other(format!("int8: no weights for '{base}'")))?;
+        let r = weights.get(&p.layer).ok_or_else(|| Error::Other(format!("int8: no weights for '{base}'")))?;
+        let w = &r.w;
         let n = w.n;
         let packed = g.add_const(format!("{base}.w_int8"), Tensor::from_vec(&[w.packed.len()], w.packed.clone())?);
         let scale = g.add_const(format!("{base}.w_scale"), Tensor::from_vec(&[n], w.scale.clone())?);
         let sum = g.add_const(format!("{base}.w_sum"), Tensor::from_vec(&[n], w.sum.clone())?);
-        let bias = p.bias.clone().map(|b| Tensor::from_vec(&[n], b)).transpose()?.map(|b| g.add_const(format!("{base}.bias"), b));
+        let bias = r.bias.clone().map(|b| Tensor::from_vec(&[n], b)).transpose()?.map(|b| g.add_const(format!("{base}.bias"), b));
         let mut attrs = p.attrs.clone();
         let mut inputs = vec![Some(p.x), Some(packed), Some(scale), Some(sum), bias];
         if let Some(q) = iq {
@@ -512,8 +538,11 @@ impl Pass for QuantInt8 {
     fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
         let mut plans = Vec::new();
         let mut kept: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let quantizable: Vec<usize> = (0..model.graph.nodes.len()).filter(|&i| matches!(plan(&model.graph, i), Some(Ok(_)))).collect();
+        self.opts.check_keep_float(&model.graph, &quantizable)?;
         for i in 0..model.graph.nodes.len() {
             match plan(&model.graph, i) {
+                Some(Ok(_)) if self.opts.keeps_float(&model.graph, i) => *kept.entry("by --keep-float").or_default() += 1,
                 Some(Ok(p)) => plans.push(p),
                 Some(Err(why)) => *kept.entry(why).or_default() += 1,
                 None => {}
@@ -537,16 +566,26 @@ impl Pass for QuantInt8 {
         };
         // Every layer's weights once (GPTQ needs the statistics; layers in parallel, each
         // factorises its own K×K matrix): the accuracy budget rewrites layers many times.
-        let hess = match (&samples, self.dynamic, self.opts.int8_gptq) {
-            (Some(s), false, true) => self.hessians(model, s, &plans)?,
+        let stats = match (&samples, self.dynamic) {
+            (Some(s), false) => self.hessians(model, s, &plans)?,
             _ => HashMap::new(),
         };
-        let rounded: Vec<(QWeights, bool)> = plans
+        let rounded: Vec<(Rounded, bool)> = plans
             .par_iter()
-            .map(|p| p.quantize(calib.inputs.get(&p.x).and_then(|q| q.mul.as_deref()), hess.get(&p.layer)))
+            .map(|p| {
+                let mul = calib.inputs.get(&p.x).and_then(|q| q.mul.as_deref());
+                let st = stats.get(&p.layer);
+                let (w, gptq) = p.quantize(mul, st.filter(|_| self.opts.int8_gptq))?;
+                let bias = match st {
+                    Some(h) if self.opts.bias_correction => corrected_bias(p, &w, h, mul),
+                    _ => p.bias.clone(),
+                };
+                Ok((Rounded { w, bias }, gptq))
+            })
             .collect::<Result<_>>()?;
         let gptq_layers = rounded.iter().filter(|r| r.1).count();
-        let weights: HashMap<LayerId, QWeights> = plans.iter().map(|p| p.layer).zip(rounded.into_iter().map(|r| r.0)).collect();
+        let corrected = plans.iter().filter(|p| self.opts.bias_correction && stats.contains_key(&p.layer)).count();
+        let weights: HashMap<LayerId, Rounded> = plans.iter().map(|p| p.layer).zip(rounded.into_iter().map(|r| r.0)).collect();
         let layers: Vec<LayerId> = plans.iter().map(|p| p.layer).collect();
         let mut notes = Vec::new();
         let keep_float = match (self.opts.accuracy_budget, &samples) {
@@ -567,6 +606,9 @@ impl Pass for QuantInt8 {
         ));
         if gptq_layers > 0 {
             notes.push(format!("GPTQ weight rounding: {gptq_layers} layers (the rest rounded to nearest)"));
+        }
+        if corrected > 0 {
+            notes.push(format!("bias correction: {corrected} layers"));
         }
         if smoothed > 0 {
             notes.push(format!("smoothing ({:?}): {smoothed} of the layers' input values smoothed", self.opts.smoothing));

@@ -1631,10 +1631,10 @@ mod tests {
         case2d(256, 64, 1, [12, 12], 3, [1, 1], 1).check(6);
     }
 
-    #[test]
-    fn depthwise_every_isa_matches_scalar() {
-        let c = case2d(6, 6, 6, [13, 45], 5, [1, 1], 2);
-        let (x, w, b) = c.tensors(9);
+    /// The 1-D / 2-D depthwise kernels of every ISA this CPU runs (NEON on aarch64, whatever
+    /// `KILN_ISA` says) against the definition.
+    fn depthwise_every_isa(c: &Case, seed: u64) {
+        let (x, w, b) = c.tensors(seed);
         let step = Step { op: "Conv".into(), opset: 17, attrs: c.attrs(), ..Default::default() };
         let ctx = OpCtx::new(&step, None);
         let s = conv_shape(&ctx, &x, &w).unwrap();
@@ -1643,9 +1643,45 @@ mod tests {
             let mut y = vec![f32::NAN; want.len()];
             let bv = b.as_ref().map(|b| b.view::<f32>().unwrap());
             depthwise_2d_f32(isa, &s, x.view().unwrap(), w.view().unwrap(), bv, c.act, &mut y);
-            for (&g, &r) in y.iter().zip(&want) {
-                assert!((g - r).abs() <= 1e-5 + 1e-4 * r.abs(), "{isa}: got {g}, want {r}");
+            for (i, (&g, &r)) in y.iter().zip(&want).enumerate() {
+                assert!((g - r).abs() <= 1e-5 + 1e-4 * r.abs(), "{isa} {c:?}: element {i}: got {g}, want {r}");
             }
+        }
+    }
+
+    #[test]
+    fn depthwise_every_isa_matches_scalar() {
+        depthwise_every_isa(&case2d(6, 6, 6, [13, 45], 5, [1, 1], 2), 9);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Random depthwise shapes (channel multiplier 1–2, 1-D or 2-D, kernels 1–5 so every
+        /// register-blocked row and the generic one run, strides, dilations, uneven padding).
+        #[test]
+        fn depthwise_every_isa_random(
+            c in 1usize..=3, mult in 1usize..=2, bias: bool, act in 0usize..ACTS.len(), seed in any::<u64>(),
+            dims in prop::collection::vec((1usize..=40, 1usize..=5, 1usize..=2, 1usize..=2, 0usize..=2, 0usize..=2), 1..=2),
+        ) {
+            let nd = dims.len();
+            let mut pads: Vec<usize> = dims.iter().map(|d| d.4).collect();
+            pads.extend(dims.iter().map(|d| d.5));
+            let case = Case {
+                n: 1,
+                c,
+                m: c * mult,
+                group: c,
+                input: dims.iter().map(|d| d.0).collect(),
+                kernel: dims.iter().map(|d| d.1).collect(),
+                strides: dims.iter().map(|d| d.2).collect(),
+                dil: dims.iter().map(|d| d.3).collect(),
+                pads,
+                bias,
+                act: ACTS[act],
+            };
+            prop_assume!(case.out_dims().iter().all(|&o| o > 0) && nd <= 2);
+            depthwise_every_isa(&case, seed);
         }
     }
 

@@ -61,6 +61,20 @@ pub struct QWeights {
     pub sum: Vec<i32>,
 }
 
+impl QWeights {
+    /// The int8 values as a row-major K×N matrix (the packing undone).
+    pub fn unpacked(&self) -> Vec<i8> {
+        let kg = padded_k(self.k) / 4;
+        let mut q = vec![0i8; self.k * self.n];
+        for p in 0..self.k {
+            for j in 0..self.n {
+                q[p * self.n + j] = self.packed[((j / PANEL) * kg + p / 4) * GROUP + (j % PANEL) * 4 + p % 4] as i8;
+            }
+        }
+        q
+    }
+}
+
 /// Quantize a K×N f32 weight matrix (element (p, j) at `w[p·rs + j·cs]`) symmetrically per column
 /// to [-127, 127] and pack it.
 pub fn quantize_weights(w: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> Result<QWeights> {

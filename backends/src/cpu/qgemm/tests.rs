@@ -7,22 +7,10 @@ use super::*;
 use crate::cpu::kernels::elementwise::testing::rand_f32;
 
 
-/// Unpack panels back to a row-major K×N i8 matrix.
-fn unpack(w: &QWeights) -> Vec<i8> {
-    let kg = padded_k(w.k) / 4;
-    let mut q = vec![0i8; w.k * w.n];
-    for p in 0..w.k {
-        for j in 0..w.n {
-            q[p * w.n + j] = w.packed[((j / PANEL) * kg + p / 4) * GROUP + (j % PANEL) * 4 + p % 4] as i8;
-        }
-    }
-    q
-}
-
 /// The expected output from the quantized operands, in f64.
 #[allow(clippy::too_many_arguments)]
 fn reference(m: usize, qa: &[u8], ld: usize, sa: &[f32], za: &[i32], w: &QWeights, bias: Option<&[f32]>, act: Act) -> Vec<f32> {
-    let qw = unpack(w);
+    let qw = w.unpacked();
     let mut out = vec![0f32; m * w.n];
     for i in 0..m {
         let (s, z) = (sa[if sa.len() == 1 { 0 } else { i }], za[if za.len() == 1 { 0 } else { i }]);
@@ -115,7 +103,7 @@ fn quantizers() {
     assert_eq!(q, [0, 64, 128, 255]);
     let w = quantize_weights(&[0.5, -1.0, 0.25, 2.0], 2, 2, 2, 1).unwrap();
     assert_eq!(w.scale, vec![0.5 / 127.0, 2.0 / 127.0]);
-    assert_eq!(unpack(&w), vec![127, -64, 64, 127]);
+    assert_eq!(w.unpacked(), vec![127, -64, 64, 127]);
     assert_eq!(w.sum, vec![191, 63]);
     assert!(quantize_weights(&[f32::NAN], 1, 1, 1, 1).is_err());
 }
