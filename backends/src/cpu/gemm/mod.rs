@@ -464,7 +464,7 @@ impl Job<'_> {
                     let mut ic = i0;
                     while ic < i1 {
                         let mcb = mc.min(i1 - ic);
-                        pack::pack_a(abuf, self.a, ic, mcb, pc, kcb, mr);
+                        pack::pack_a(abuf, self.a, ic, mcb, pc, kcb, mr, self.kern.isa);
                         self.macro_kernel(abuf, &bsl, ic, mcb, jc, ncb, pc, kcb);
                         ic += mcb;
                     }

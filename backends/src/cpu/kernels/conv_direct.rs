@@ -56,7 +56,7 @@ pub(super) fn conv_direct_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<
     let mut apack = vec![0f32; s.group * panels * kdim * mr];
     for (grp, dst) in apack.chunks_exact_mut(panels * kdim * mr).enumerate() {
         let wg = &w[grp * mpg * kdim..][..mpg * kdim];
-        pack_a(dst, MatRef::rows(wg, kdim), 0, mpg, 0, kdim, mr);
+        pack_a(dst, MatRef::rows(wg, kdim), 0, mpg, 0, kdim, mr, kern.isa);
     }
     // Tasks: (image, group, block of output rows), about four per thread.
     let threads = crate::cpu::par::threads();

@@ -22,8 +22,21 @@ fn main() {
     let small: &[(usize, usize, usize)] =
         &[(16, 384, 384), (16, 384, 1536), (16, 1536, 384), (1, 128, 512), (1, 512, 128), (4, 512, 128)];
     // MiniLM at batch 4 × 128 tokens: the FFN products and one attention head (QKᵀ, then ·V).
-    let batch: &[(usize, usize, usize)] = &[(512, 1536, 384), (512, 384, 1536), (128, 128, 32), (128, 32, 128)];
-    let shapes = [shapes, small, batch].concat();
+    let batch: &[(usize, usize, usize)] = &[(512, 384, 384), (512, 1536, 384), (512, 384, 1536), (128, 128, 32), (128, 32, 128)];
+    let mut shapes = [shapes, small, batch].concat();
+    // `--shape MxNxK` (repeatable): only these shapes, to iterate on one kernel quickly.
+    let only: Vec<(usize, usize, usize)> = std::env::args()
+        .skip_while(|a| a != "--shape")
+        .skip(1)
+        .step_by(2)
+        .filter_map(|s| {
+            let d: Vec<usize> = s.split('x').filter_map(|v| v.parse().ok()).collect();
+            (d.len() == 3).then(|| (d[0], d[1], d[2]))
+        })
+        .collect();
+    if !only.is_empty() {
+        shapes = only;
+    }
     println!(
         "{:>16} {:>3}  {:>9} {:>7}  {:>9} {:>7}  {:>9}  {:>9}  {:>6}",
         "m×n×k", "thr", "kiln", "%peak", "prepacked", "%peak", "kiln Bᵀ", "gemm-crate", "kiln/crate"
