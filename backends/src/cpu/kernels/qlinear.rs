@@ -187,7 +187,7 @@ fn conv_geo(ctx: &OpCtx, x: &Tensor) -> Result<ConvGeo> {
 const PIXEL_CHUNK: usize = 128;
 
 /// Quantize one NCHW image into NHWC u8 with `cp` bytes per pixel (padding channels zero),
-/// channel c multiplied by `mul[c]` first when given.
+/// channel c multiplied by `mul[c]` first when given. Writes every byte of `dst`.
 fn quantize_nhwc(x: &[f32], g: &ConvGeo, s: f32, z: i32, mul: Option<&[f32]>, dst: &mut [u8]) {
     let hw = g.h * g.w;
     let zf = z as f32;
@@ -200,6 +200,11 @@ fn quantize_nhwc(x: &[f32], g: &ConvGeo, s: f32, z: i32, mul: Option<&[f32]>, ds
                 let src = &x[c * hw + p0..c * hw + p0 + np];
                 for (p, &v) in src.iter().enumerate() {
                     out[p * g.cp + c] = qgemm::q_u8(v, inv, zf);
+                }
+            }
+            if g.cp > g.c {
+                for px in out.chunks_exact_mut(g.cp) {
+                    px[g.c..].fill(0);
                 }
             }
         })
@@ -249,47 +254,52 @@ fn conv_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
             qgemm::u8_params(lo, hi)
         }
     };
-    let (n, hw, ohw) = (x.shape()[0], g.h * g.w, g.oh * g.ow);
-    let mut y = vec![0f32; n * w.n * ohw];
-    let kern = QKernel::for_isa(isa::active());
-    let epi = QEpilogue { bias, act };
-    let (scale, zero) = ([s], [z]);
-    let mut nhwc = vec![0u8; hw * g.cp];
-    for (img, yimg) in y.chunks_mut(w.n * ohw).enumerate() {
-        quantize_nhwc(&xv[img * g.c * hw..(img + 1) * g.c * hw], &g, s, z, mul, &mut nhwc);
-        if g.pointwise() {
-            let acts = QActs { data: &nhwc, ld: g.cp, scale: &scale, zero: &zero };
-            let out = qgemm::Out { data: yimg, rs: 1, cs: ohw };
-            qgemm::qgemm_with(kern, ohw, acts, w, &epi, out, true)?;
-            continue;
-        }
-        let k = g.k();
-        let yp = YPtr(yimg.as_mut_ptr());
-        let len = yimg.len();
-        let chunks = ohw.div_ceil(PIXEL_CHUNK);
-        let task = |rows: &mut Vec<u8>, t: usize| -> Result<()> {
-            let p0 = t * PIXEL_CHUNK;
-            let m = PIXEL_CHUNK.min(ohw - p0);
-            rows.resize(m * k, 0);
-            im2col_rows(&g, &nhwc, z as u8, p0, rows);
-            let acts = QActs { data: rows, ld: k, scale: &scale, zero: &zero };
-            let yp = yp;
-            // SAFETY: the output pointer covers this image; this task writes pixels p0..p0+m of
-            // every channel, which no other task touches.
-            unsafe { qgemm::qgemm_raw(kern, m, acts, w, &epi, yp.0.add(p0), len - p0, 1, ohw, false) }
-        };
-        if crate::cpu::par::threads() > 1 {
-            (0..chunks).into_par_iter().try_for_each_init(Vec::new, task)?;
-        } else {
-            let mut rows = Vec::new();
-            (0..chunks).try_for_each(|t| task(&mut rows, t))?;
-        }
-    }
+    let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
     let mut shape = x.shape().to_vec();
     shape[1] = w.n;
     shape[2] = g.oh;
     shape[3] = g.ow;
-    Ok(vec![Tensor::from_vec(&shape, y)?])
+    let kern = QKernel::for_isa(isa::active());
+    let epi = QEpilogue { bias, act };
+    let (scale, zero) = ([s], [z]);
+    // Output and the quantized image come from the tensor pool and are written whole: no zero
+    // fill, and no fresh pages on every call (both are megabytes in PP-OCR det).
+    let mut nhwc = Tensor::filled_by::<u8>(DType::U8, &[hw * g.cp], |_| Ok(()))?;
+    let nhwc = nhwc.view_mut::<u8>()?;
+    let y = Tensor::filled_by::<f32>(DType::F32, &shape, |y| {
+        for (img, yimg) in y.chunks_mut(w.n * ohw).enumerate() {
+            quantize_nhwc(&xv[img * g.c * hw..(img + 1) * g.c * hw], &g, s, z, mul, nhwc);
+            if g.pointwise() {
+                let acts = QActs { data: nhwc, ld: g.cp, scale: &scale, zero: &zero };
+                let out = qgemm::Out { data: yimg, rs: 1, cs: ohw };
+                qgemm::qgemm_with(kern, ohw, acts, w, &epi, out, true)?;
+                continue;
+            }
+            let k = g.k();
+            let yp = YPtr(yimg.as_mut_ptr());
+            let len = yimg.len();
+            let chunks = ohw.div_ceil(PIXEL_CHUNK);
+            let task = |rows: &mut Vec<u8>, t: usize| -> Result<()> {
+                let p0 = t * PIXEL_CHUNK;
+                let m = PIXEL_CHUNK.min(ohw - p0);
+                rows.resize(m * k, 0);
+                im2col_rows(&g, nhwc, z as u8, p0, rows);
+                let acts = QActs { data: rows, ld: k, scale: &scale, zero: &zero };
+                let yp = yp;
+                // SAFETY: the output pointer covers this image; this task writes pixels p0..p0+m of
+                // every channel, which no other task touches.
+                unsafe { qgemm::qgemm_raw(kern, m, acts, w, &epi, yp.0.add(p0), len - p0, 1, ohw, false) }
+            };
+            if crate::cpu::par::threads() > 1 {
+                (0..chunks).into_par_iter().try_for_each_init(Vec::new, task)?;
+            } else {
+                let mut rows = Vec::new();
+                (0..chunks).try_for_each(|t| task(&mut rows, t))?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(vec![y])
 }
 
 #[cfg(test)]
