@@ -39,6 +39,13 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // A closed stdout (`kiln inspect x.kiln | head`) ends the process quietly, as for any Unix
+    // tool: Rust ignores SIGPIPE, and `println!` then panicked on the failed write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal at start-up, before any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Compile(a) => cmd_compile::run(a),

@@ -129,3 +129,26 @@ fn every_verb_has_help() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
     }
 }
+
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    // `kiln inspect x.kiln | head`: the reader goes away before kiln writes. kiln must end like
+    // any Unix tool (SIGPIPE or a clean exit), not print a panic.
+    use std::io::Read;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("tiny.kiln");
+    let out = kiln(&["compile", testdata("tiny/tiny_convnet.onnx").to_str().unwrap(), "-o", art.to_str().unwrap()]);
+    assert!(out.status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["inspect", art.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -538,10 +538,11 @@ impl Pass for QuantInt8 {
     fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
         let mut plans = Vec::new();
         let mut kept: BTreeMap<&'static str, usize> = BTreeMap::new();
-        let quantizable: Vec<usize> = (0..model.graph.nodes.len()).filter(|&i| matches!(plan(&model.graph, i), Some(Ok(_)))).collect();
+        let planned: Vec<_> = (0..model.graph.nodes.len()).map(|i| (i, plan(&model.graph, i))).collect();
+        let quantizable: Vec<usize> = planned.iter().filter(|(_, p)| matches!(p, Some(Ok(_)))).map(|(i, _)| *i).collect();
         self.opts.check_keep_float(&model.graph, &quantizable)?;
-        for i in 0..model.graph.nodes.len() {
-            match plan(&model.graph, i) {
+        for (i, planned) in planned {
+            match planned {
                 Some(Ok(_)) if self.opts.keeps_float(&model.graph, i) => *kept.entry("by --keep-float").or_default() += 1,
                 Some(Ok(p)) => plans.push(p),
                 Some(Err(why)) => *kept.entry(why).or_default() += 1,
@@ -567,7 +568,7 @@ impl Pass for QuantInt8 {
         // Every layer's weights once (GPTQ needs the statistics; layers in parallel, each
         // factorises its own K×K matrix): the accuracy budget rewrites layers many times.
         let stats = match (&samples, self.dynamic) {
-            (Some(s), false) => self.hessians(model, s, &plans)?,
+            (Some(s), false) if self.opts.int8_gptq || self.opts.bias_correction => self.hessians(model, s, &plans)?,
             _ => HashMap::new(),
         };
         let rounded: Vec<(Rounded, bool)> = plans
