@@ -423,19 +423,7 @@ mod tests {
         hs.add_rows(&x).unwrap();
         let g = quantize(&w, k, n, &hs, None, k).unwrap().unwrap();
         let rtn = qgemm::quantize_weights(&w, k, n, n, 1).unwrap();
-        let unpack = |q: &QWeights| -> Vec<f32> {
-            // The panel layout of pack_i8: 4 consecutive K values per column, PANEL columns.
-            let kg = qgemm::padded_k(k) / 4;
-            let mut out = vec![0f32; k * n];
-            for j in 0..n {
-                let (panel, c) = (j / qgemm::PANEL, j % qgemm::PANEL);
-                for p in 0..k {
-                    let v = q.packed[(panel * kg + p / 4) * (qgemm::PANEL * 4) + c * 4 + p % 4] as i8;
-                    out[p * n + j] = v as f32 * q.scale[j];
-                }
-            }
-            out
-        };
+        let unpack = |q: &QWeights| -> Vec<f32> { q.unpacked().iter().enumerate().map(|(i, &v)| v as f32 * q.scale[i % n]).collect() };
         let (eg, er) = (product_error(&x, &w, &unpack(&g), k, n), product_error(&x, &w, &unpack(&rtn), k, n));
         assert!(eg < 0.7 * er, "gptq {eg} vs rtn {er}");
         assert_eq!(g.scale, rtn.scale);

@@ -66,7 +66,9 @@ impl Pass for QuantizeInt4 {
     fn run(&self, model: &mut Model) -> Result<(usize, Vec<String>)> {
         let fmt = self.format();
         let mut notes = Vec::new();
-        let nodes: Vec<usize> = candidates(&model.graph).iter().map(|c| c.node).collect();
+        // Candidate nodes and their layers, once: AWQ below rescales weights but keeps both.
+        let targets: Vec<(usize, LayerId)> = candidates(&model.graph).iter().map(|c| (c.node, c.layer)).collect();
+        let nodes: Vec<usize> = targets.iter().map(|t| t.0).collect();
         self.opts.check_keep_float(&model.graph, &nodes)?;
         let samples = match &self.opts.calibration {
             Some(dir) if self.opts.int4_method != Int4Method::Rtn || self.opts.accuracy_budget.is_some() => {
@@ -87,10 +89,9 @@ impl Pass for QuantizeInt4 {
         if self.opts.int4_method == Int4Method::Gptq {
             notes.push(format!("GPTQ rounding: {} MatMul-like layers (tables rounded to nearest)", gptq.len()));
         }
-        let cands = candidates(&model.graph);
-        let layers: Vec<LayerId> = cands.iter().filter(|c| !self.opts.keeps_float(&model.graph, c.node)).map(|c| c.layer).collect();
-        if layers.len() < cands.len() {
-            notes.push(format!("kept {} layers in float by --keep-float", cands.len() - layers.len()));
+        let layers: Vec<LayerId> = targets.iter().filter(|t| !self.opts.keeps_float(&model.graph, t.0)).map(|t| t.1).collect();
+        if layers.len() < targets.len() {
+            notes.push(format!("kept {} layers in float by --keep-float", targets.len() - layers.len()));
         }
         let keep_float = match (self.opts.accuracy_budget, &samples) {
             (Some(b), Some(s)) => {

@@ -22,6 +22,7 @@
 
 use rayon::prelude::*;
 
+use kiln_runtime::tensor::Buffer;
 use kiln_runtime::{DType, Error, Result, Tensor};
 
 use crate::cpu::ctx::OpCtx;
@@ -264,8 +265,8 @@ fn conv_int8(ctx: &OpCtx, inputs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
     let (scale, zero) = ([s], [z]);
     // Output and the quantized image come from the tensor pool and are written whole: no zero
     // fill, and no fresh pages on every call (both are megabytes in PP-OCR det).
-    let mut nhwc = Tensor::filled_by::<u8>(DType::U8, &[hw * g.cp], |_| Ok(()))?;
-    let nhwc = nhwc.view_mut::<u8>()?;
+    let mut nhwc = Buffer::recycled(hw * g.cp);
+    let nhwc = nhwc.make_mut();
     let y = Tensor::filled_by::<f32>(DType::F32, &shape, |y| {
         for (img, yimg) in y.chunks_mut(w.n * ohw).enumerate() {
             quantize_nhwc(&xv[img * g.c * hw..(img + 1) * g.c * hw], &g, s, z, mul, nhwc);
