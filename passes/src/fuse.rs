@@ -9,8 +9,9 @@
 //!   Softmax-13), which run as one kernel.
 //! - `matmul-bias`: MatMul by a constant 2-D weight followed by a constant bias Add becomes
 //!   `kiln.FusedMatMul` (A, W, bias); Conv becomes `kiln.FusedConv` when an activation follows.
-//! - `epilogue`: an activation after a FusedMatMul / FusedConv / Conv / MatMul moves into that
-//!   node's `activation` attribute, applied while the output is still in cache.
+//! - `epilogue`: an activation (or SiLU written as x · Sigmoid(x)) after a FusedMatMul /
+//!   FusedConv / Conv moves into that node's `activation` attribute, applied while the output is
+//!   still in cache.
 //! - `attention`: MatMul(Q, Kᵀ) → constant scale → optional mask Add → Softmax → MatMul(·, V)
 //!   (→ Transpose) becomes `kiln.Attention`, which also reads Q, K and V through the Transposes
 //!   that split heads, so the score tensor is never materialised.
@@ -460,6 +461,20 @@ fn activation_of(g: &Graph, n: &Node) -> Option<(&'static str, Vec<f32>)> {
     })
 }
 
+/// For a Mul node x · Sigmoid(x) (either operand order): x and the Sigmoid's node index.
+fn silu_of(g: &Graph, producers: &[Option<usize>], n: &Node) -> Option<(ValueId, usize)> {
+    if !(n.domain.is_empty() || n.domain == "ai.onnx") || n.op != "Mul" || n.inputs.len() != 2 {
+        return None;
+    }
+    let (a, b) = (n.input(0)?, n.input(1)?);
+    [(a, b), (b, a)].into_iter().find_map(|(x, s)| {
+        let si = producers[s]?;
+        let sn = &g.nodes[si];
+        let onnx = sn.domain.is_empty() || sn.domain == "ai.onnx";
+        (onnx && sn.op == "Sigmoid" && sn.input(0) == Some(x) && x != s).then_some((x, si))
+    })
+}
+
 impl Pass for FuseEpilogue {
     fn name(&self) -> &'static str {
         "epilogue"
@@ -472,10 +487,22 @@ impl Pass for FuseEpilogue {
             let uses = g.consumers();
             let producers = g.producers();
             let found = g.nodes.iter().enumerate().find_map(|(ai, act)| {
-                let (name, params) = activation_of(g, act)?;
-                let x = act.input(0)?;
-                if !is_f32(g, x) || g.outputs.contains(&x) || uses[x].len() != 1 {
+                // A plain activation reading x, or SiLU as x · Sigmoid(x) (YOLO, EfficientNet,
+                // LLaMA MLPs): then the Sigmoid goes too and x has exactly those two readers.
+                let (name, params, x, sig) = match (activation_of(g, act), silu_of(g, &producers, act)) {
+                    (Some((name, params)), _) => (name, params, act.input(0)?, None),
+                    (None, Some((x, si))) => ("Silu", vec![], x, Some(si)),
+                    _ => return None,
+                };
+                let readers = if sig.is_some() { 2 } else { 1 };
+                if !is_f32(g, x) || g.outputs.contains(&x) || uses[x].len() != readers {
                     return None;
+                }
+                if let Some(si) = sig {
+                    let s = g.nodes[si].outputs.first().copied().flatten()?;
+                    if g.outputs.contains(&s) || uses[s].len() != 1 {
+                        return None;
+                    }
                 }
                 let pi = producers[x]?;
                 let p = &g.nodes[pi];
@@ -484,9 +511,9 @@ impl Pass for FuseEpilogue {
                     ("" | "ai.onnx", "Conv") => p.outputs.len() == 1,
                     _ => false,
                 };
-                fusable.then(|| (ai, pi, name, params))
+                fusable.then(|| (ai, pi, name, params, sig))
             });
-            let Some((ai, pi, name, params)) = found else { break };
+            let Some((ai, pi, name, params, sig)) = found else { break };
             let act_out = g.nodes[ai].outputs.clone();
             let p = &mut g.nodes[pi];
             if p.op == "Conv" {
@@ -497,7 +524,12 @@ impl Pass for FuseEpilogue {
             p.attrs.push(attr("activation", AttrValue::String(name.as_bytes().to_vec())));
             p.attrs.push(attr("activation_params", AttrValue::Floats(params)));
             p.outputs = act_out;
-            g.nodes.remove(ai);
+            // Remove the later index first so the other stays valid.
+            let mut gone = [Some(ai), sig];
+            gone.sort_unstable_by(|a, b| b.cmp(a));
+            for i in gone.into_iter().flatten() {
+                g.nodes.remove(i);
+            }
             count += 1;
         }
         Ok((count, vec![]))

@@ -210,6 +210,33 @@ fn conv_batchnorm_clip_becomes_one_fused_conv() {
     insta::assert_snapshot!(dump(&fused));
 }
 
+#[test]
+fn conv_then_x_times_sigmoid_x_becomes_one_fused_conv_with_silu() {
+    // YOLOv8's Conv → SiLU, exported as Mul(x, Sigmoid(x)); the second Conv has it the other way
+    // round, and the third's Sigmoid is read elsewhere too, so it stays apart.
+    let mut b = Builder::new();
+    let x = b.input("x", &[1, 2, 5, 5]);
+    let w1 = b.konst("w1", &[3, 2, 3, 3], data(54, 20));
+    let w2 = b.konst("w2", &[3, 3, 1, 1], data(9, 21));
+    let w3 = b.konst("w3", &[2, 3, 1, 1], data(6, 22));
+    let c1 = b.node("Conv", 17, &[x, w1], vec![ints("pads", &[1, 1, 1, 1])]);
+    let s1 = b.node("Sigmoid", 13, &[c1], vec![]);
+    let y1 = b.node("Mul", 14, &[c1, s1], vec![]);
+    let c2 = b.node("Conv", 17, &[y1, w2], vec![]);
+    let s2 = b.node("Sigmoid", 13, &[c2], vec![]);
+    let y2 = b.node("Mul", 14, &[s2, c2], vec![]);
+    let c3 = b.node("Conv", 17, &[y2, w3], vec![]);
+    let s3 = b.node("Sigmoid", 13, &[c3], vec![]);
+    let y3 = b.node("Mul", 14, &[c3, s3], vec![]);
+    let fused = check(
+        b.finish(&[y3, s3]),
+        &[Tensor::from_vec(&[1, 2, 5, 5], data(50, 23)).unwrap()],
+        &["FusedConv", "FusedConv", "Conv", "Sigmoid", "Mul"],
+    );
+    let acts: Vec<Option<&str>> = fused.graph.nodes.iter().map(|n| n.attr_str("activation")).collect();
+    assert_eq!(acts[..2], [Some("Silu"), Some("Silu")]);
+}
+
 /// ConvTranspose's weight is [C, M/group, kh, kw]: the BatchNormalization scale of output
 /// channel m lands on the second index, per input group.
 #[test]

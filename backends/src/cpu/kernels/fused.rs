@@ -4,7 +4,7 @@
 //!   and activation applied by the GEMM epilogue while each tile is hot.
 //! - `FusedConv(X, W, B?)`: Conv (same attributes) followed by the activation.
 //!
-//! Both take `activation` (Relu, Sigmoid, Tanh, HardSwish, LeakyRelu, HardSigmoid, Gelu,
+//! Both take `activation` (Relu, Sigmoid, Tanh, HardSwish, Silu, LeakyRelu, HardSigmoid, Gelu,
 //! GeluTanh, Clip) and `activation_params` (alpha / alpha, beta / min, max).
 
 use rayon::prelude::*;
@@ -33,6 +33,7 @@ pub(crate) fn act_from_ctx(ctx: &OpCtx) -> Result<Act> {
         "Sigmoid" => Act::Sigmoid,
         "Tanh" => Act::Tanh,
         "HardSwish" => Act::HardSwish,
+        "Silu" => Act::Silu,
         "LeakyRelu" => Act::LeakyRelu(at(0, 0.01)),
         "HardSigmoid" => Act::HardSigmoid(at(0, 0.2), at(1, 0.5)),
         "Gelu" => Act::GeluErf,
