@@ -5,9 +5,9 @@
 //! (outer, dim, inner) split of the shape, so one kernel serves every opset. Max-subtraction keeps
 //! exp from overflowing.
 //!
-//! f32 Softmax over contiguous rows (the attention case) has its own vectorised path: one pass for
-//! the max, one for exp and its sum, one to scale, with the shared polynomial exp (no libm), run
-//! in the input's buffer when the interpreter hands over a dead input.
+//! f32 Softmax has its own vectorised paths, over contiguous rows (the attention case) and over a
+//! middle axis: one pass for the max, one for exp and its sum, one to scale, with the shared
+//! polynomial exp (no libm), run in the input's buffer when the interpreter hands over a dead input.
 
 use kiln_runtime::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
@@ -44,11 +44,11 @@ const GRAIN: usize = 1 << 14;
 fn softmax(ctx: &OpCtx, mut inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
     let x = ctx.input(&inputs, 0)?;
     let (outer, dim, inner) = split(ctx, x.shape())?;
-    if x.dtype() != DType::F32 || inner != 1 || dim == 0 {
+    if x.dtype() != DType::F32 || dim == 0 || inner == 0 {
         return run(ctx, &inputs, Kind::Soft);
     }
     let mut x = take_input(&mut inputs, 0)?;
-    let rows = |y: &mut [f32]| rows_f32(y, dim);
+    let rows = |y: &mut [f32]| if inner == 1 { rows_f32(y, dim) } else { columns_f32(y, dim, inner) };
     if x.is_unique() {
         rows(x.view_mut::<f32>()?);
         return Ok(vec![x]);
@@ -71,6 +71,60 @@ fn rows_f32(y: &mut [f32], dim: usize) {
         y.par_chunks_mut(dim * per_task).for_each(work);
     } else {
         work(y);
+    }
+}
+
+/// Softmax along the middle axis of [outer, dim, inner] blocks, in place (YOLOv8's DFL head:
+/// [1, 16, 4, 2100] over axis 1), whole inner rows at a time with the shared polynomial exp;
+/// blocks split across the pool when many.
+fn columns_f32(y: &mut [f32], dim: usize, inner: usize) {
+    let block = dim * inner;
+    let per_task = (GRAIN / block).max(1);
+    let work = |chunk: &mut [f32]| {
+        with_isa(
+            #[inline(always)]
+            || {
+                let mut acc = vec![0f32; 2 * inner];
+                for b in chunk.chunks_mut(block) {
+                    softmax_columns_f32(b, inner, &mut acc);
+                }
+            },
+        )
+    };
+    if y.len() >= 2 * GRAIN && crate::cpu::par::threads() > 1 {
+        y.par_chunks_mut(block * per_task).for_each(work);
+    } else {
+        work(y);
+    }
+}
+
+/// One [dim, inner] block normalised along dim: max (a NaN makes its column NaN, as in the
+/// generic path), exp(x − max) with its sum, scale by 1/sum. `acc` holds 2·inner floats.
+#[inline(always)]
+fn softmax_columns_f32(b: &mut [f32], inner: usize, acc: &mut [f32]) {
+    let (mx, sum) = acc.split_at_mut(inner);
+    mx.copy_from_slice(&b[..inner]);
+    sum.fill(0.0);
+    for r in b.chunks_exact(inner).skip(1) {
+        for (m, &x) in mx.iter_mut().zip(r) {
+            // NaN wins: x > m is false for a NaN x, and x ≠ x marks it.
+            *m = if x > *m || x != x { x } else { *m };
+        }
+    }
+    for r in b.chunks_exact_mut(inner) {
+        for ((x, &m), s) in r.iter_mut().zip(mx.iter()).zip(sum.iter_mut()) {
+            let e = gemm::exp(*x - m);
+            *x = e;
+            *s += e;
+        }
+    }
+    for s in sum.iter_mut() {
+        *s = 1.0 / *s;
+    }
+    for r in b.chunks_exact_mut(inner) {
+        for (x, &i) in r.iter_mut().zip(sum.iter()) {
+            *x *= i;
+        }
     }
 }
 
@@ -334,9 +388,31 @@ mod tests {
         let y = run_op("Softmax", 13, None, x);
         assert!(y[..34].iter().all(|v| v.is_nan()), "NaN or all -inf rows give NaN like the reference");
         assert!(y[34..].iter().all(|&v| (v - 1.0 / 17.0).abs() < 1e-7));
-        // The strided (axis not last) case still takes the generic path.
-        let x = Tensor::from_vec(&[2, 2], vec![0f32, 0., 1000., 1000.]).unwrap();
+        // Along a middle axis: large values, a NaN column, an all -inf column.
+        let x = Tensor::from_vec(&[2, 3], vec![0f32, nan, f32::NEG_INFINITY, 1000., 1., f32::NEG_INFINITY]).unwrap();
         let y = run_op("Softmax", 13, Some(0), x);
-        assert!((y[2] - 1.0).abs() < 1e-6 && y[0].abs() < 1e-6);
+        assert!((y[3] - 1.0).abs() < 1e-6 && y[0].abs() < 1e-6);
+        assert!(y[1].is_nan() && y[4].is_nan() && y[2].is_nan() && y[5].is_nan());
+    }
+
+    #[test]
+    fn f32_middle_axis_matches_reference() {
+        // YOLOv8's DFL shape and odd sizes; the f32 path against a per-column f64 reference.
+        for (shape, axis) in [(vec![1usize, 16, 4, 2100], 1i64), (vec![3, 5, 7], 1), (vec![2, 9, 3, 1], 1), (vec![4, 33], 0)] {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i * 7919) % 113) as f32 * 0.173 - 9.0).collect();
+            let y = run_op("Softmax", 13, Some(axis), Tensor::from_vec(&shape, v.clone()).unwrap());
+            let a = axis as usize;
+            let (dim, inner) = (shape[a], shape[a + 1..].iter().product::<usize>());
+            for (o, blk) in v.chunks(dim * inner).enumerate() {
+                for j in 0..inner {
+                    let col: Vec<f32> = (0..dim).map(|d| blk[d * inner + j]).collect();
+                    for (d, want) in softmax_ref(&col).into_iter().enumerate() {
+                        let got = y[o * dim * inner + d * inner + j] as f64;
+                        assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "{shape:?}: {got} vs {want}");
+                    }
+                }
+            }
+        }
     }
 }
