@@ -94,6 +94,26 @@ impl Geo3 {
         o * self.stride[i] + kk * self.dilation[i] - self.pad[i]
     }
 
+    /// The same convolution without its trivial spatial dims (input, output and kernel 1, no
+    /// padding), the others right-aligned. NC… memory is unchanged, but a [H, 1] conv (TF-exported
+    /// 1-D convs, Magika's 5×1) becomes a row of H, which the row-oriented kernels vectorize
+    /// instead of walking H rows of one element.
+    pub(super) fn squeezed(&self) -> Geo3 {
+        let keep: Vec<usize> =
+            (0..3).filter(|&i| !(self.input[i] == 1 && self.output[i] == 1 && self.kernel[i] == 1 && self.pad[i] == 0)).collect();
+        let mut g = Geo3 { input: [1; 3], output: [1; 3], kernel: [1; 3], stride: [1; 3], dilation: [1; 3], pad: [0; 3] };
+        let off = 3 - keep.len();
+        for (j, &i) in keep.iter().enumerate() {
+            g.input[off + j] = self.input[i];
+            g.output[off + j] = self.output[i];
+            g.kernel[off + j] = self.kernel[i];
+            g.stride[off + j] = self.stride[i];
+            g.dilation[off + j] = self.dilation[i];
+            g.pad[off + j] = self.pad[i];
+        }
+        g
+    }
+
     pub(super) fn is_pointwise(&self) -> bool {
         self.kernel == [1; 3] && self.stride == [1; 3] && self.pad == [0; 3] && self.input == self.output
     }
@@ -124,7 +144,7 @@ pub(super) struct ConvShape {
     out_shape: Vec<usize>,
 }
 
-fn conv_shape(ctx: &OpCtx, x: &Tensor, w: &Tensor) -> Result<ConvShape> {
+pub(super) fn conv_shape(ctx: &OpCtx, x: &Tensor, w: &Tensor) -> Result<ConvShape> {
     if x.rank() < 3 || w.rank() != x.rank() {
         return Err(Error::Shape(format!("Conv: X {:?} and W {:?} need equal rank >= 3", x.shape(), w.shape())));
     }
@@ -288,7 +308,7 @@ fn depthwise<T: MatElem>(s: &ConvShape, x: &[T], w: &[T], y: &mut [T]) {
 /// Floats of one task's working set (im2col tile + output tile) kept within L2.
 const TILE_FLOATS: usize = 128 * 1024;
 /// Multiply-adds below which a convolution stays on the calling thread.
-const PAR_MIN_WORK: usize = 1 << 20;
+pub(super) const PAR_MIN_WORK: usize = 1 << 20;
 
 thread_local! {
     /// Per-thread scratch reused across calls: (im2col tile or padded plane, output tile).
@@ -325,6 +345,8 @@ fn conv_f32_tensor(s: &ConvShape, x: &Tensor, w: &Tensor, b: Option<&Tensor>, ac
 
 /// `y = act(conv(x, w) + bias)` over contiguous f32 NC... buffers; `y` is written entirely.
 fn conv_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Act, y: &mut [f32]) -> Result<()> {
+    let squeezed = ConvShape { geo: s.geo.squeezed(), out_shape: Vec::new(), ..*s };
+    let s = &squeezed;
     let g = &s.geo;
     let (insz, outsz, ksz) = (g.in_size(), g.out_size(), g.k_size());
     let cpg = s.c / s.group;
@@ -591,6 +613,10 @@ fn depthwise_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act:
 /// `depthwise_f32` for 1-D / 2-D geometry with the kernels of `isa` (a supported ISA).
 fn depthwise_2d_f32(isa: Isa, s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Act, y: &mut [f32]) {
     let g = &s.geo;
+    if super::conv_dw::suits(isa, s) {
+        // Narrow output rows: vectors across 16-channel blocks (see `conv_dw::suits`).
+        return super::conv_dw::depthwise_blocked_f32(isa, s, x, w, bias, act, y);
+    }
     let (insz, outsz, ksz) = (g.in_size(), g.out_size(), g.k_size());
     let mult = s.m / s.c;
     let plane = |p: usize, yp: &mut [f32], buf: &mut AlignedBuf| {
@@ -674,7 +700,7 @@ unsafe fn dw_plane_avx2(p: &DwPlane, y: &mut [f32]) {
 
 /// `a·b + c`, fused where the ISA has FMA (no libm call otherwise).
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(super) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
         a.mul_add(b, c)
     } else {

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod cast;
 pub mod conv;
 mod conv_direct;
+mod conv_dw;
 pub mod elementwise;
 pub mod fused;
 pub mod index;

@@ -1,7 +1,8 @@
-//! Convolution throughput on shapes from PP-OCRv4 det/rec: dense 3x3 (stride 1 and 2), 1x1, and
-//! depthwise 3x3 / 5x5, through the CPU backend's Conv kernel (bias included), at 1 and 2 threads.
+//! Convolution throughput on shapes from PP-OCRv4 det/rec and PP-LCNet: dense 3x3 (stride 1 and
+//! 2), 1x1, and depthwise 3x3 / 5x5, through the CPU backend's Conv kernel (bias included), at 1
+//! and 2 threads.
 //!
-//! cargo run --release -p kiln-benches --bin conv [-- --quick]     (KILN_ISA=scalar|avx2|avx512 respected)
+//! cargo run --release -p kiln-benches --bin conv [-- --quick] [name filter]   (KILN_ISA=scalar|avx2|avx512 respected)
 
 use std::time::Duration;
 
@@ -38,6 +39,15 @@ const SHAPES: &[Shape] = &[
     Shape { name: "det dw5x5 s1 192 @40", c: 192, h: 40, w: 40, m: 192, k: 5, stride: [1, 1], pad: 2, group: 192 },
     Shape { name: "rec dw5x5 s1 240 @12x80", c: 240, h: 12, w: 80, m: 240, k: 5, stride: [1, 1], pad: 2, group: 240 },
     Shape { name: "rec dw5x5 s2x1 240 @12x80", c: 240, h: 12, w: 80, m: 240, k: 5, stride: [2, 1], pad: 2, group: 240 },
+    Shape { name: "lcnet dw3x3 s1 16 @112", c: 16, h: 112, w: 112, m: 16, k: 3, stride: [1, 1], pad: 1, group: 16 },
+    Shape { name: "lcnet dw3x3 s2 32 @112", c: 32, h: 112, w: 112, m: 32, k: 3, stride: [2, 2], pad: 1, group: 32 },
+    Shape { name: "lcnet dw3x3 s1 64 @56", c: 64, h: 56, w: 56, m: 64, k: 3, stride: [1, 1], pad: 1, group: 64 },
+    Shape { name: "lcnet dw3x3 s2 64 @56", c: 64, h: 56, w: 56, m: 64, k: 3, stride: [2, 2], pad: 1, group: 64 },
+    Shape { name: "lcnet dw3x3 s1 128 @28", c: 128, h: 28, w: 28, m: 128, k: 3, stride: [1, 1], pad: 1, group: 128 },
+    Shape { name: "lcnet dw3x3 s2 128 @28", c: 128, h: 28, w: 28, m: 128, k: 3, stride: [2, 2], pad: 1, group: 128 },
+    Shape { name: "lcnet dw5x5 s1 256 @14", c: 256, h: 14, w: 14, m: 256, k: 5, stride: [1, 1], pad: 2, group: 256 },
+    Shape { name: "lcnet dw5x5 s2 256 @14", c: 256, h: 14, w: 14, m: 256, k: 5, stride: [2, 2], pad: 2, group: 256 },
+    Shape { name: "lcnet dw5x5 s1 512 @7", c: 512, h: 7, w: 7, m: 512, k: 5, stride: [1, 1], pad: 2, group: 512 },
 ];
 
 fn ints(name: &str, v: &[i64]) -> Attr {
@@ -46,12 +56,13 @@ fn ints(name: &str, v: &[i64]) -> Attr {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--")).unwrap_or_default();
     let budget = Duration::from_millis(if quick { 150 } else { 500 });
     println!("ISA {}", isa::active());
     println!("{:>28} {:>3}  {:>9} {:>8}", "conv", "thr", "ms", "GFLOP/s");
     for threads in [1usize, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
-        for s in SHAPES {
+        for s in SHAPES.iter().filter(|s| s.name.contains(filter.as_str())) {
             pool.install(|| bench(s, threads, budget));
         }
     }
