@@ -131,36 +131,9 @@ unsafe fn pack_a_panel_avx512(panel: &mut [f32], rows: &[&[f32]], kc: usize, mr:
         for (i, row) in rows.iter().enumerate() {
             r[i] = _mm512_loadu_ps(row.as_ptr().add(p));
         }
-        // Within 128-bit lanes: pairs of rows interleaved, then quads (columns q, q+4, q+8,
-        // q+12 of rows 4j..4j+3 in u[4j+q]), then whole lanes gathered across row quads.
-        let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        let mut u = [_mm512_setzero_ps(); 16];
-        for j in 0..4 {
-            let pd = |v: __m512| _mm512_castps_pd(v);
-            let (a0, a1, a2, a3) = (pd(t[4 * j]), pd(t[4 * j + 1]), pd(t[4 * j + 2]), pd(t[4 * j + 3]));
-            u[4 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
-            u[4 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
-            u[4 * j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
-            u[4 * j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
-        }
-        for q in 0..4 {
-            let v0 = _mm512_shuffle_f32x4::<0x88>(u[q], u[4 + q]);
-            let v1 = _mm512_shuffle_f32x4::<0xDD>(u[q], u[4 + q]);
-            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + q], u[12 + q]);
-            let v3 = _mm512_shuffle_f32x4::<0xDD>(u[8 + q], u[12 + q]);
-            let cols = [
-                (q, _mm512_shuffle_f32x4::<0x88>(v0, v2)),
-                (q + 8, _mm512_shuffle_f32x4::<0xDD>(v0, v2)),
-                (q + 4, _mm512_shuffle_f32x4::<0x88>(v1, v3)),
-                (q + 12, _mm512_shuffle_f32x4::<0xDD>(v1, v3)),
-            ];
-            for (c, v) in cols {
-                _mm512_mask_storeu_ps(out.add((p + c) * mr), mask, v);
-            }
+        let cols = transpose16x16(r);
+        for (c, v) in cols.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add((p + c) * mr), mask, *v);
         }
         p += 16;
     }
@@ -169,6 +142,45 @@ unsafe fn pack_a_panel_avx512(panel: &mut [f32], rows: &[&[f32]], kc: usize, mr:
             *out.add(p * mr + i) = row[p];
         }
     }
+}
+
+/// The transpose of 16 vectors of 16 floats, `out[j][i] = r[i][j]`: within 128-bit lanes pairs of
+/// rows interleaved, then quads (columns q, q+4, q+8, q+12 of rows 4j..4j+3 in u[4j+q]), then whole
+/// lanes gathered across row quads.
+///
+/// # Safety
+/// AVX-512F is available.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose16x16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_ps(); 16];
+    for j in 0..4 {
+        let pd = |v: __m512| _mm512_castps_pd(v);
+        let (a0, a1, a2, a3) = (pd(t[4 * j]), pd(t[4 * j + 1]), pd(t[4 * j + 2]), pd(t[4 * j + 3]));
+        u[4 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        u[4 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        u[4 * j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        u[4 * j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for q in 0..4 {
+        let v0 = _mm512_shuffle_f32x4::<0x88>(u[q], u[4 + q]);
+        let v1 = _mm512_shuffle_f32x4::<0xDD>(u[q], u[4 + q]);
+        let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + q], u[12 + q]);
+        let v3 = _mm512_shuffle_f32x4::<0xDD>(u[8 + q], u[12 + q]);
+        out[q] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+        out[q + 8] = _mm512_shuffle_f32x4::<0xDD>(v0, v2);
+        out[q + 4] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+        out[q + 12] = _mm512_shuffle_f32x4::<0xDD>(v1, v3);
+    }
+    out
 }
 
 const MAGIC: [u8; 8] = *b"KILNPKB1";

@@ -18,7 +18,7 @@ use kiln_runtime::tensor::Buffer;
 use kiln_runtime::Result;
 use rayon::prelude::*;
 
-use super::conv::{with_scratch, ConvShape, OutPtr};
+use super::conv::{with_scratch, ConvShape, Geo3, OutPtr};
 use crate::cpu::gemm::pack::pack_a;
 use crate::cpu::gemm::{apply_epilogue, kernel_for, Act, Epilogue, MatRef};
 use crate::cpu::isa;
@@ -41,22 +41,11 @@ pub(super) fn conv_direct_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<
     let (insz, outsz) = (g.in_size(), g.out_size());
     let rows = g.output[0] * g.output[1];
     let ow = g.output[2];
-    // Patch layout and the offset of every (channel, tap) row in it.
+    // Patch layout (3-D convolutions).
     let unit = g.stride[2] == 1;
     let run = if unit { nr + (kw - 1) * g.dilation[2] } else { nr };
     let runs = if unit { cpg * kd * kh } else { kdim };
     let patch_len = runs * run + nr; // + nr: the kernel reads nr floats from every row start
-    let mut offs = Vec::with_capacity(kdim);
-    for c in 0..cpg {
-        for a in 0..kd {
-            for b in 0..kh {
-                for t in 0..kw {
-                    let seg = ((c * kd + a) * kh + b) * if unit { 1 } else { kw } + if unit { 0 } else { t };
-                    offs.push(seg * run + if unit { t * g.dilation[2] } else { 0 });
-                }
-            }
-        }
-    }
     // Weights packed mr-high per group (W_g is [mpg, kdim] row-major).
     let panels = mpg.div_ceil(mr);
     let mut apack = vec![0f32; s.group * panels * kdim * mr];
@@ -103,9 +92,11 @@ pub(super) fn conv_direct_f32(s: &ConvShape, x: &[f32], w: &[f32], bias: Option<
         let bytes = p.buf.as_slice();
         unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / size_of::<f32>()) }
     });
-    let offs = match &padded {
+    // The offset of every (channel, tap) row of a tile from its first position, in the padded
+    // copy or in the patch.
+    let offs: Vec<usize> = match &padded {
         Some(p) => (0..cpg).flat_map(|c| (0..kh).flat_map(move |b| (0..kw).map(move |t| p.offset(c, b, t)))).collect(),
-        None => offs,
+        None => patch_offsets(g, cpg, unit, run),
     };
     let plane = padded.as_ref().map_or(0, |p| p.plane);
     let max_off = offs.iter().copied().max().unwrap_or(0);
@@ -263,6 +254,23 @@ fn pad_input(s: &ConvShape, x: &[f32], wv: usize, nr: usize) -> Padded {
         body.chunks_mut(plane).enumerate().for_each(|(p, dp)| fill(p, dp));
     }
     Padded { buf, wv, sub, plane, stride: [sh, sw], dilation: [dh, dw] }
+}
+
+/// Offsets of every (channel, tap) row in a patch of `run`-float runs (see `fill_patch`).
+fn patch_offsets(g: &Geo3, cpg: usize, unit: bool, run: usize) -> Vec<usize> {
+    let [kd, kh, kw] = g.kernel;
+    let mut offs = Vec::with_capacity(cpg * kd * kh * kw);
+    for c in 0..cpg {
+        for a in 0..kd {
+            for b in 0..kh {
+                for t in 0..kw {
+                    let seg = ((c * kd + a) * kh + b) * if unit { 1 } else { kw } + if unit { 0 } else { t };
+                    offs.push(seg * run + if unit { t * g.dilation[2] } else { 0 });
+                }
+            }
+        }
+    }
+    offs
 }
 
 /// The virtual output grid of `conv_direct_f32`: `rows` rows of `wv` positions, the first ow of

@@ -20,6 +20,8 @@ use rayon::prelude::*;
 
 use super::conv::{madd, with_scratch, ConvShape, PAR_MIN_WORK};
 use crate::cpu::gemm::pack::AlignedBuf;
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::gemm::pack::transpose16x16;
 use crate::cpu::gemm::{apply_act, Act};
 use crate::cpu::isa::Isa;
 
@@ -344,7 +346,7 @@ unsafe fn interleave_avx512(src: &[f32], ld: usize, h: usize, dst: &mut [f32]) {
         // still costs a slow microcode assist on some CPUs.)
         let r: [__m512; CB] =
             std::array::from_fn(|l| if l < h { _mm512_maskz_loadu_ps(mask, s.add(l * ld + q)) } else { _mm512_setzero_ps() });
-        let t = transpose16(r);
+        let t = transpose16x16(r);
         for (p, v) in t.iter().enumerate().take(m) {
             _mm512_storeu_ps(o.add((q + p) * CB), *v);
         }
@@ -367,47 +369,12 @@ unsafe fn deinterleave_avx512(src: &[f32], dst: &mut [&mut [f32]]) {
         let m = (n - q).min(CB);
         let mask = ((1u32 << m) - 1) as __mmask16;
         let r: [__m512; CB] = std::array::from_fn(|p| if p < m { _mm512_loadu_ps(s.add((q + p) * CB)) } else { _mm512_setzero_ps() });
-        let t = transpose16(r);
+        let t = transpose16x16(r);
         for (row, v) in dst.iter_mut().zip(&t) {
             _mm512_mask_storeu_ps(row.as_mut_ptr().add(q), mask, *v);
         }
         q += CB;
     }
-}
-
-/// The transpose of 16 vectors of 16 floats, `out[j][i] = r[i][j]` (as `pack_a_panel_avx512`:
-/// pairs of rows interleaved, then quads, then 128-bit lanes gathered across row quads).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: [std::arch::x86_64::__m512; CB]) -> [std::arch::x86_64::__m512; CB] {
-    use std::arch::x86_64::*;
-    let mut t = [_mm512_setzero_ps(); CB];
-    for i in 0..8 {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    let mut u = [_mm512_setzero_ps(); CB];
-    for j in 0..4 {
-        let pd = |v: __m512| _mm512_castps_pd(v);
-        let (a0, a1, a2, a3) = (pd(t[4 * j]), pd(t[4 * j + 1]), pd(t[4 * j + 2]), pd(t[4 * j + 3]));
-        u[4 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
-        u[4 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
-        u[4 * j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
-        u[4 * j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
-    }
-    let mut out = [_mm512_setzero_ps(); CB];
-    for q in 0..4 {
-        let v0 = _mm512_shuffle_f32x4::<0x88>(u[q], u[4 + q]);
-        let v1 = _mm512_shuffle_f32x4::<0xDD>(u[q], u[4 + q]);
-        let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + q], u[12 + q]);
-        let v3 = _mm512_shuffle_f32x4::<0xDD>(u[8 + q], u[12 + q]);
-        out[q] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
-        out[q + 8] = _mm512_shuffle_f32x4::<0xDD>(v0, v2);
-        out[q + 4] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
-        out[q + 12] = _mm512_shuffle_f32x4::<0xDD>(v1, v3);
-    }
-    out
 }
 
 /// Lanes `0..m` of an AVX2 mask (`m ≤ 8`).
